@@ -1,0 +1,12 @@
+"""efficient_ops: Triton and CUDA kernels for efficient LLM inference, as ``torch.ops.efficient_ops.*``.
+
+Importing the package registers the ops; it never touches a GPU and works without the compiled
+extension or Triton (see ``efficient-ops info`` for what is available here).
+"""
+
+__version__ = "0.1.0"
+
+from . import backends, nn, ops, quant  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
+from .ops.lowbit import lowbit_linear
+
+__all__ = ["lowbit_linear", "backends", "nn", "ops", "quant", "__version__"]

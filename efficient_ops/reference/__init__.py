@@ -1,0 +1,1 @@
+"""Plain-PyTorch implementations of every op: the executable specification the kernels are tested against."""
