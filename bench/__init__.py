@@ -1,0 +1,1 @@
+"""Microbenchmarks, one module per family; installed as ``efficient_ops.bench`` and run by ``efficient-ops bench``."""
