@@ -1,0 +1,56 @@
+"""Test setup: Triton's interpreter on machines without a GPU, the ``gpu`` marker, shared helpers."""
+
+import os
+import shutil
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before any Triton kernel is defined: the CPU tests run the Triton kernels
+    # under the interpreter on CPU tensors. On a GPU machine Triton runs compiled.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN anywhere gives inf, so NaN never passes."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def poison_outputs(monkeypatch):
+    """Make every ``torch.empty`` float result NaN, so an output element a kernel never writes fails."""
+    original = torch.empty
+
+    def empty(*args, **kwargs):
+        t = original(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def nvcc_path():
+    """nvcc as setup.py finds it (CUDA_HOME / CUDA_PATH, CUDACXX, PATH, /usr/local/cuda), or None."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            path = os.path.join(os.environ[var], "bin", "nvcc")
+            return path if os.path.isfile(path) else None
+    for path in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if path and os.path.isfile(path):
+            return path
+    return None
