@@ -1,4 +1,5 @@
-"""Low-bit GEMM benchmark: every available lowbit_gemm backend against F.linear (cuBLAS) in the same dtype.
+"""Low-bit GEMM benchmark: every available lowbit_gemm backend against dense F.linear (cuBLAS on a GPU) in the
+same dtype, measured in the same run.
 
 Shapes are Llama-3-8B / 70B linear layers, ``K x N`` = in_features x out_features, at
 M in 1, 4, 16, 64, 256, 4096. Bytes moved count the packed weight, scales, zeros, x and
@@ -30,7 +31,7 @@ CPU_MS = [1, 16, 64]
 TARGETS = [(1, 1, 3.6), (16, 16, 3.3), (256, 4096, 1.0)]
 COPY_TARGET = 0.85  # M = 1: fraction of measured copy bandwidth
 
-COLUMNS = ["backend", "M", "K", "N", "us", "cublas_us", "speedup", "GB/s", "%copy", "TFLOP/s", "%mm"]
+COLUMNS = ["backend", "M", "K", "N", "us", "f_linear_us", "speedup", "GB/s", "%copy", "TFLOP/s", "%mm"]
 
 
 def _cases(device, dtype, shapes, ms, group_size):
@@ -67,7 +68,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
         xs = [torch.randn(m, k, device=device, dtype=dtype) for _ in range(sets)]
         qws = [qw] + [quantize_weight(torch.randn_like(w), group_size=group_size) for _ in range(sets - 1)]
         dense = [w] + [torch.randn_like(w) for _ in range(sets - 1)]
-        cublas_us = common.time_calls([lambda x=x, d=d: F.linear(x, d) for x, d in zip(xs, dense)], device)
+        f_linear_us = common.time_calls([lambda x=x, d=d: F.linear(x, d) for x, d in zip(xs, dense)], device)
         for name in names:
             if name == "cuda" and m > 16:
                 continue
@@ -76,7 +77,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
             gbps = (weight_bytes + act_bytes) / us / 1e3
             tflops = 2 * m * n * k / us / 1e6
             rows.append(dict(op="lowbit_gemm", backend=name, M=m, K=k, N=n, dtype=str(dtype).split(".")[-1],
-                             bits=4, group_size=group_size, us=us, cublas_us=cublas_us, speedup=cublas_us / us,
+                             bits=4, group_size=group_size, us=us, f_linear_us=f_linear_us, speedup=f_linear_us / us,
                              **{"GB/s": gbps, "TFLOP/s": tflops,
                                 "%copy": 100 * gbps / peaks["copy_gbps"] if peaks["copy_gbps"] else None,
                                 "%mm": 100 * tflops / peaks["matmul_tflops"] if peaks["matmul_tflops"] else None}))
