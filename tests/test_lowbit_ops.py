@@ -41,7 +41,7 @@ def test_reference_half_matches_f_linear():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("m", [1, 3, 5, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 17])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_triton_matches_reference(m, group_size, dtype, poison_outputs):

@@ -5,7 +5,7 @@ eight nibbles per word along K, scales and zeros ``[N, K_pad / group]``.
 
 One kernel, two paths chosen by :func:`_config`:
 
-- decode GEMV (M <= 16): a small M tile, products summed on the CUDA cores for M <= 4
+- decode GEMV (M <= 16): a small M tile, products summed on the CUDA cores for M <= 2
   and a 16-row ``tl.dot`` above that, with split-K so that skinny problems still fill
   the GPU; split-K partials go to a float32 workspace that is summed afterwards
   (deterministic, and no float atomics).
@@ -91,7 +91,7 @@ def _config(M: int, N: int, k_pad: int, group: int, device: torch.device) -> dic
     """Tile shapes, split-K and launch parameters for one problem (a heuristic, not autotuned:
     autotuning would put a benchmark inside the first call and inside CUDA-graph capture)."""
     if M <= 16:
-        use_dot = M > 4
+        use_dot = M > 2  # the CUDA-core product tile is BLOCK_M x BLOCK_N x BLOCK_K registers
         block_m = 16 if use_dot else triton.next_power_of_2(M)
         block_n = 64 if use_dot else 32
         block_k = min(128, group)
