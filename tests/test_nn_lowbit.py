@@ -23,6 +23,7 @@ def test_quant_linear_matches_dequantized_dense(bias, group_size):
     assert rel_err(q(x), ref) < 1e-5
     assert rel_err(q(x), linear(x)) < 0.15  # and it is still the layer it replaced, up to 4-bit error
     assert "bits=4" in repr(q)
+    assert q.quantized_weight.dtype == torch.float32  # the original weight dtype, with or without bias
 
 
 @pytest.mark.skipif(not backends.interpreter_enabled(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")

@@ -16,6 +16,9 @@ class QuantLinear(nn.Module):
     The packed weight lives in buffers ``qweight``, ``scales`` and ``zeros`` (so ``state_dict``,
     ``.to()`` and ``.cuda()`` work as usual); ``bias`` is a parameter as in ``nn.Linear``. Set
     ``backend`` to pin a backend for this layer (default: the library's choice).
+
+    The constructor makes an empty layer (to load a ``state_dict`` into); ``dtype`` is the weight and
+    bias dtype, ``scale_dtype`` that of scales and zeros. Use :meth:`from_linear` to quantize a layer.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 4,
@@ -24,6 +27,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
+        self.weight_dtype = dtype  # what dequantize_weight(self.quantized_weight) returns
         self.backend: Optional[str] = None
         k_pad = padded_in_features(in_features)
         groups = k_pad // effective_group_size(group_size, in_features)
@@ -48,22 +52,18 @@ class QuantLinear(nn.Module):
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
         """Wrap an existing :class:`QuantizedWeight` (and optional bias) in a module."""
         qw.validate()
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.out_features, module.in_features = qw.shape
-        module.bits, module.group_size, module.backend = qw.bits, qw.group_size, None
-        module.register_buffer("qweight", qw.qweight)
-        module.register_buffer("scales", qw.scales)
-        module.register_buffer("zeros", qw.zeros)
-        module.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        module = cls(qw.in_features, qw.out_features, bias=bias is not None, bits=qw.bits, group_size=qw.group_size,
+                     dtype=qw.dtype, scale_dtype=qw.scales.dtype, device="meta")
+        module.qweight, module.scales, module.zeros = qw.qweight, qw.scales, qw.zeros  # buffers: share storage
+        if bias is not None:
+            module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
         return module
 
     @property
     def quantized_weight(self) -> QuantizedWeight:
         """The layer's weight as a :class:`QuantizedWeight` (sharing storage with the buffers)."""
-        dtype = self.bias.dtype if self.bias is not None else self.scales.dtype
         return QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
-                               (self.out_features, self.in_features), dtype)
+                               (self.out_features, self.in_features), self.weight_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.efficient_ops.lowbit_gemm(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
