@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from .. import backends
-from ..quant.lowbit import QuantizedWeight, dequantize_packed, effective_group_size, padded_in_features, validate_packed
+from ..quant.lowbit import QuantizedWeight, _dequantize, effective_group_size, padded_in_features, validate_packed
 from ..reference import lowbit as reference
 from . import lib
 
@@ -104,7 +104,7 @@ def _backward(ctx, grad):
     qweight, scales, zeros = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        w = dequantize_packed(qweight, scales, zeros, ctx.bits, ctx.group_size, ctx.in_features)
+        w = _dequantize(qweight, scales, zeros, ctx.group_size, ctx.in_features)
         grad_x = (grad.float() @ w).to(grad.dtype)
     if ctx.needs_input_grad[4]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -114,7 +114,7 @@ def _backward(ctx, grad):
 def _setup_context(ctx, inputs, output):
     x, qweight, scales, zeros, bias, bits, group_size, in_features, backend = inputs
     ctx.save_for_backward(qweight, scales, zeros)
-    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
+    ctx.group_size, ctx.in_features = group_size, in_features
 
 
 torch.library.register_autograd("efficient_ops::lowbit_gemm", _backward, setup_context=_setup_context)

@@ -204,6 +204,11 @@ def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.
                       group_size: int, in_features: int) -> torch.Tensor:
     """``(q - zero) * scale`` in float32, shape ``[N, in_features]`` (padding dropped)."""
     validate_packed(qweight, scales, zeros, bits, group_size, in_features)
+    return _dequantize(qweight, scales, zeros, group_size, in_features)
+
+
+def _dequantize(qweight, scales, zeros, group_size, in_features):
+    """:func:`dequantize_packed` without the checks, for callers that have validated already."""
     group = effective_group_size(group_size, in_features)
     q = unpack_int4(qweight).float()
     s = scales.float().repeat_interleave(group, dim=1)
