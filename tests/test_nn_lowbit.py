@@ -1,4 +1,4 @@
-"""QuantLinear and quantize_model."""
+"""QuantLinear, MixedQuantLinear and quantize_model."""
 
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from efficient_ops import backends
-from efficient_ops.nn import QuantLinear, quantize_model
-from efficient_ops.quant import dequantize_weight
+from efficient_ops.nn import MixedQuantLinear, QuantLinear, quantize_model
+from efficient_ops.quant import dequantize_weight, select_salient_channels
 
 from conftest import rel_err
 
@@ -24,6 +24,36 @@ def test_quant_linear_matches_dequantized_dense(bias, group_size):
     assert rel_err(q(x), linear(x)) < 0.15  # and it is still the layer it replaced, up to 4-bit error
     assert "bits=4" in repr(q)
     assert q.quantized_weight.dtype == torch.float32  # the original weight dtype, with or without bias
+
+
+@pytest.mark.parametrize("bits, bound", [(3, 0.3), (2, 0.45), (1.58, 0.55), (1, 0.7)])
+def test_quant_linear_every_format(bits, bound):
+    torch.manual_seed(1)
+    linear = nn.Linear(300, 40)
+    q = QuantLinear.from_linear(linear, bits=bits, group_size=64)
+    x = torch.randn(3, 300)
+    assert rel_err(q(x), F.linear(x, dequantize_weight(q.quantized_weight, torch.float32), linear.bias)) < 1e-5
+    assert rel_err(q(x), linear(x)) < bound
+    fresh = QuantLinear(300, 40, bits=bits, group_size=64, dtype=torch.float32)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_mixed_quant_linear():
+    torch.manual_seed(2)
+    linear = nn.Linear(200, 24)
+    x = torch.randn(64, 200) * (1 + 5 * (torch.rand(200) > 0.8))  # a fifth of the channels are large
+    salient = select_salient_channels(x, 0.2)
+    q = MixedQuantLinear.from_linear(linear, salient)
+    assert q.salient_features == 40 and "salient=40 x 4 bits" in repr(q)
+    assert rel_err(q(x), F.linear(x, dequantize_weight(q.quantized_weight, torch.float32), linear.bias)) < 1e-5
+    binary = QuantLinear.from_linear(linear, bits=1, group_size=-1, center=True)
+    assert rel_err(q(x), linear(x)) < rel_err(binary(x), linear(x))  # salient channels in 4 bits pay off
+    fresh = MixedQuantLinear(200, 24, 40, dtype=torch.float32)
+    fresh.load_state_dict(q.state_dict())
+    assert torch.equal(fresh(x), q(x))
+    with pytest.raises(ValueError, match="salient_features"):
+        MixedQuantLinear(200, 24, 200)
 
 
 @pytest.mark.skipif(not backends.interpreter_enabled(), reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
@@ -80,3 +110,26 @@ def test_quantize_hf_causal_lm():
     assert n_quant == 2 * 7 and type(model.lm_head) is nn.Linear
     assert quant.shape == dense.shape and rel_err(quant, dense) < 0.2
     assert generated.shape == (1, 16)
+
+
+@pytest.mark.parametrize("kwargs, module_type", [(dict(bits=1.58, group_size=64), QuantLinear),
+                                                 (dict(bits=1, group_size=-1, salient_fraction=0.25), MixedQuantLinear)])
+def test_quantize_hf_causal_lm_low_bits(kwargs, module_type):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    calib = [torch.randint(0, 128, (1, 16)) for _ in range(2)] if "salient_fraction" in kwargs else None
+    with torch.no_grad():
+        dense = model(ids).logits
+        quantize_model(model, calib_batches=calib, progress=False, **kwargs)
+        quant = model(ids).logits
+    assert sum(isinstance(m, module_type) for m in model.modules()) == 2 * 7
+    assert torch.isfinite(quant).all() and rel_err(quant, dense) < 1.0
+
+
+def test_quantize_model_mixed_needs_calibration():
+    with pytest.raises(ValueError, match="calib_batches"):
+        quantize_model(nn.Sequential(nn.Linear(8, 8)), bits=1, salient_fraction=0.2, progress=False)

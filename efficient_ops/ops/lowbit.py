@@ -1,15 +1,18 @@
-"""``efficient_ops::lowbit_gemm``: ``y = x @ dequant(Wq).T (+ bias)`` on packed low-bit weights.
+"""``efficient_ops::lowbit_gemm`` and ``lowbit_gemm_mixed``: ``y = x @ dequant(W).T (+ bias)`` on packed
+low-bit weights (every format of ``efficient_ops.quant.lowbit``; the mixed op is PTQ1.61's layout).
 
-Backends: ``reference`` (any device), ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``;
-every M), ``cuda`` (the compiled decode GEMV: M <= 16 rows, float16/bfloat16 x and scales).
+Backends: ``reference`` (any device), ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``; every M),
+``cuda`` (the compiled decode GEMV: M <= 16 rows, float16/bfloat16 x and scales). The mixed op runs
+both packed parts in one launch on either kernel backend.
 """
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
 from .. import backends
-from ..quant.lowbit import QuantizedWeight, _dequantize, effective_group_size, padded_in_features, validate_packed
+from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, _dequantize, _dequantize_mixed,
+                            effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
 from ..reference import lowbit as reference
 from . import lib
 
@@ -18,78 +21,128 @@ CUDA_MAX_K = 2 ** 20  # the GEMV's K_pad limit (chunk -> group index by a 32-bit
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-lib.define("lowbit_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, "
+lib.define("lowbit_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, float bits, "
            "int group_size, int in_features, str? backend=None) -> Tensor")
+lib.define("lowbit_gemm_mixed(Tensor x, Tensor perm, Tensor qweight_a, Tensor scales_a, Tensor zeros_a, "
+           "Tensor qweight_b, Tensor scales_b, Tensor zeros_b, Tensor? bias, float bits_a, int group_size_a, "
+           "float bits_b, int group_size_b, int salient_features, str? backend=None) -> Tensor")
 
 
-def _check(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+def _check_x_bias(x, bias, n, in_features):
     if x.dtype not in X_DTYPES:
         raise TypeError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension must be in_features={in_features}, got shape {tuple(x.shape)}")
-    validate_packed(qweight, scales, zeros, bits, group_size, in_features)
-    if qweight.device != x.device:
-        raise ValueError(f"qweight: on {qweight.device}, but x is on {x.device}")
     if bias is not None:
-        if bias.shape != (qweight.shape[0],):
-            raise ValueError(f"bias: expected shape [{qweight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.shape != (n,):
+            raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
         if bias.dtype != x.dtype:
             raise TypeError(f"bias: dtype {bias.dtype} differs from x dtype {x.dtype}")
         if bias.device != x.device:
             raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
 
 
-def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, in_features: int) -> Optional[str]:
+def _check(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    validate_packed(qweight, scales, zeros, bits, group_size, in_features)
+    if qweight.device != x.device:
+        raise ValueError(f"qweight: on {qweight.device}, but x is on {x.device}")
+    _check_x_bias(x, bias, qweight.shape[0], in_features)
+
+
+def _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features):
+    in_features = perm.shape[0] if isinstance(perm, torch.Tensor) and perm.dim() == 1 else -1
+    validate_perm(perm, salient_features, in_features, x.device)
+    for suffix, (qw, s, z, bits, group, k) in (("_a", (qa, sa, za, bits_a, group_a, salient_features)),
+                                               ("_b", (qb, sb, zb, bits_b, group_b, in_features - salient_features))):
+        try:
+            validate_packed(qw, s, z, bits, group, k)
+        except (TypeError, ValueError) as exc:  # name the part: "qweight_b: ..."
+            name, _, message = str(exc).partition(":")
+            raise type(exc)(f"{name}{suffix}:{message}") from None
+        if qw.device != x.device:
+            raise ValueError(f"qweight{suffix}: on {qw.device}, but x is on {x.device}")
+    if qb.shape[0] != qa.shape[0]:
+        raise ValueError(f"qweight_b: {qb.shape[0]} rows, but qweight_a has {qa.shape[0]}")
+    if sb.dtype != sa.dtype:
+        raise TypeError(f"scales_b: dtype {sb.dtype} differs from scales_a dtype {sa.dtype}")
+    _check_x_bias(x, bias, qa.shape[0], in_features)
+
+
+def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, parts) -> Optional[str]:
+    """Why ``backend`` cannot run this call (None if it can); ``parts``: (bits, in_features) per packed part."""
     if backend != "cuda":
         return None
     if m > CUDA_MAX_M:
         return (f"the cuda backend of lowbit_gemm is the decode GEMV for M <= {CUDA_MAX_M} rows "
                 f"(got M={m}); use backend='triton' for larger M")
-    if in_features > CUDA_MAX_K:
-        return f"the cuda backend supports in_features <= {CUDA_MAX_K} (got {in_features})"
+    if any(padded_in_features(k, bits) > CUDA_MAX_K for bits, k in parts):
+        return f"the cuda backend supports in_features <= {CUDA_MAX_K}"
     if x.dtype not in _DTYPE_NAMES or scales.dtype not in _DTYPE_NAMES:
         return f"the cuda backend needs float16/bfloat16 x and scales (got {x.dtype} and {scales.dtype})"
     return None
 
 
-def _run_cuda(x2, qweight, scales, zeros, bias, group, in_features):
-    m, n = x2.shape[0], qweight.shape[0]
+def _run_cuda(x2, segments, bias, perm):
+    m, n = x2.shape[0], segments[0][0].shape[0]
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    backends.extension().lowbit_gemv_w4(
-        x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, in_features,
-        padded_in_features(in_features), group, x2.stride(0), out.stride(0),
-        _DTYPE_NAMES[x2.dtype], _DTYPE_NAMES[scales.dtype], torch.cuda.current_stream(x2.device).cuda_stream)
+    parts = []
+    for qweight, scales, zeros, bits, group, k in segments:
+        parts += [get_format(bits).name, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), k, group]
+    mixed = dict(perm_ptr=perm.data_ptr(), **dict(zip(("fmt_b", "qweight_b_ptr", "scales_b_ptr", "zeros_b_ptr",
+                                                       "k_b", "group_b"), parts[6:]))) if perm is not None else {}
+    backends.extension().lowbit_gemv(
+        x2.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, x2.stride(0), out.stride(0),
+        _DTYPE_NAMES[x2.dtype], _DTYPE_NAMES[segments[0][1].dtype],
+        torch.cuda.current_stream(x2.device).cuda_stream, *parts[:6], **mixed)
     return out
 
 
-def _run_triton(x2, qweight, scales, zeros, bias, group, in_features):
+def _run_triton(x2, segments, bias, perm):
     from ..triton_kernels import lowbit as kernels  # imported on first use: Triton is optional
-    return kernels.lowbit_gemm(x2, qweight, scales, zeros, bias, group, in_features)
+    return kernels.lowbit_gemm(x2, segments, bias, perm)
 
 
 _RUNNERS = {"cuda": _run_cuda, "triton": _run_triton}
 
 
-def _lowbit_gemm(x, qweight, scales, zeros, bias, bits, group_size, in_features, backend=None):
-    _check(x, qweight, scales, zeros, bias, bits, group_size, in_features)
-    m = x.numel() // in_features
-    name = backends.select("lowbit_gemm", x.device, backend, lambda b: _unsupported(b, m, x, scales, in_features))
+def _dispatch(x, segments, bias, perm, backend, run_reference):
+    """Pick the backend, then run the reference or a kernel on x flattened to [M, K]."""
+    in_features = x.shape[-1]
+    m = x.numel() // in_features if in_features else 0
+    parts = [(bits, k) for _, _, _, bits, _, k in segments]
+    name = backends.select("lowbit_gemm", x.device, backend,
+                           lambda b: _unsupported(b, m, x, segments[0][1], parts))
     if name == "reference" or m == 0:
-        return reference.lowbit_gemm(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+        return run_reference()
     x2 = x.reshape(m, in_features)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.contiguous()
+    segments = [(q, s, z, bits, effective_group_size(g, k, bits), k) for q, s, z, bits, g, k in segments]
     with backends.device_guard(x.device):
-        out = _RUNNERS[name](x2, qweight, scales, zeros, bias,
-                             effective_group_size(group_size, in_features), in_features)
-    return out.reshape(*x.shape[:-1], qweight.shape[0])
+        out = _RUNNERS[name](x2, segments, bias, perm)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-lib.impl("lowbit_gemm", _lowbit_gemm, "CPU")
-lib.impl("lowbit_gemm", _lowbit_gemm, "CUDA")
+def _lowbit_gemm(x, qweight, scales, zeros, bias, bits, group_size, in_features, backend=None):
+    _check(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    return _dispatch(x, [(qweight, scales, zeros, bits, group_size, in_features)], bias, None, backend,
+                     lambda: reference.lowbit_gemm(x, qweight, scales, zeros, bias, bits, group_size, in_features))
+
+
+def _lowbit_gemm_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features,
+                       backend=None):
+    args = (x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features)
+    _check_mixed(*args)
+    segments = [(qa, sa, za, bits_a, group_a, salient_features),
+                (qb, sb, zb, bits_b, group_b, perm.shape[0] - salient_features)]
+    return _dispatch(x, segments, bias, perm, backend, lambda: reference.lowbit_gemm_mixed(*args))
+
+
+for _op, _impl in (("lowbit_gemm", _lowbit_gemm), ("lowbit_gemm_mixed", _lowbit_gemm_mixed)):
+    lib.impl(_op, _impl, "CPU")
+    lib.impl(_op, _impl, "CUDA")
 
 
 @torch.library.register_fake("efficient_ops::lowbit_gemm")
@@ -98,35 +151,63 @@ def _lowbit_gemm_fake(x, qweight, scales, zeros, bias, bits, group_size, in_feat
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _backward(ctx, grad):
-    # Inference is the target; the gradient w.r.t. x and bias lets quantized layers sit inside
-    # models that are fine-tuned around them (the packed weight itself is frozen).
-    qweight, scales, zeros = ctx.saved_tensors
-    grad_x = grad_bias = None
+@torch.library.register_fake("efficient_ops::lowbit_gemm_mixed")
+def _lowbit_gemm_mixed_fake(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b,
+                            salient_features, backend=None):
+    _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features)
+    return x.new_empty((*x.shape[:-1], qa.shape[0]))
+
+
+# Inference is the target; the gradient w.r.t. x and bias lets quantized layers sit inside models that
+# are fine-tuned around them (the packed weights themselves are frozen).
+
+def _grads(ctx, grad, w, bias_index, n_inputs):
+    grads = [None] * n_inputs
     if ctx.needs_input_grad[0]:
-        w = _dequantize(qweight, scales, zeros, ctx.group_size, ctx.in_features)
-        grad_x = (grad.float() @ w).to(grad.dtype)
-    if ctx.needs_input_grad[4]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_x, None, None, None, grad_bias, None, None, None, None
+        grads[0] = (grad.float() @ w()).to(grad.dtype)
+    if ctx.needs_input_grad[bias_index]:
+        grads[bias_index] = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return tuple(grads)
+
+
+def _backward(ctx, grad):
+    qweight, scales, zeros = ctx.saved_tensors
+    return _grads(ctx, grad, lambda: _dequantize(qweight, scales, zeros, ctx.bits, ctx.group_size, ctx.in_features),
+                  4, 9)
 
 
 def _setup_context(ctx, inputs, output):
     x, qweight, scales, zeros, bias, bits, group_size, in_features, backend = inputs
     ctx.save_for_backward(qweight, scales, zeros)
-    ctx.group_size, ctx.in_features = group_size, in_features
+    ctx.bits, ctx.group_size, ctx.in_features = bits, group_size, in_features
+
+
+def _backward_mixed(ctx, grad):
+    perm, qa, sa, za, qb, sb, zb = ctx.saved_tensors
+    return _grads(ctx, grad, lambda: _dequantize_mixed(perm, qa, sa, za, ctx.bits_a, ctx.group_a, qb, sb, zb,
+                                                       ctx.bits_b, ctx.group_b, ctx.salient_features), 8, 15)
+
+
+def _setup_context_mixed(ctx, inputs, output):
+    x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features, backend = inputs
+    ctx.save_for_backward(perm, qa, sa, za, qb, sb, zb)
+    ctx.bits_a, ctx.group_a, ctx.bits_b, ctx.group_b = bits_a, group_a, bits_b, group_b
+    ctx.salient_features = salient_features
 
 
 torch.library.register_autograd("efficient_ops::lowbit_gemm", _backward, setup_context=_setup_context)
+torch.library.register_autograd("efficient_ops::lowbit_gemm_mixed", _backward_mixed,
+                                setup_context=_setup_context_mixed)
 
 
-def lowbit_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-                  backend: Optional[str] = None) -> torch.Tensor:
+def lowbit_linear(x: torch.Tensor, qw: Union[QuantizedWeight, MixedQuantizedWeight],
+                  bias: Optional[torch.Tensor] = None, backend: Optional[str] = None) -> torch.Tensor:
     """``x @ dequantize_weight(qw).T + bias`` with float32 accumulation.
 
     Args:
         x: ``[..., K]`` float16 or bfloat16 (float32 on the triton and reference backends).
-        qw: the packed weight from :func:`efficient_ops.quant.quantize_weight`, on x's device.
+        qw: a packed weight from :func:`efficient_ops.quant.quantize_weight` (any bit width) or
+            :func:`efficient_ops.quant.quantize_weight_mixed` (run as one fused launch), on x's device.
         bias: optional ``[N]`` in x's dtype.
         backend: "cuda", "triton" or "reference"; default ``$EFFICIENT_OPS_BACKEND``, else the best
             available for x's device. A backend that cannot run the call raises, never falls back.
@@ -134,7 +215,12 @@ def lowbit_linear(x: torch.Tensor, qw: QuantizedWeight, bias: Optional[torch.Ten
     Returns:
         ``[..., N]`` in x's dtype.
     """
+    if isinstance(qw, MixedQuantizedWeight):
+        a, b = qw.salient, qw.rest
+        return torch.ops.efficient_ops.lowbit_gemm_mixed(x, qw.perm, a.qweight, a.scales, a.zeros, b.qweight,
+                                                         b.scales, b.zeros, bias, a.bits, a.group_size, b.bits,
+                                                         b.group_size, a.in_features, backend)
     if not isinstance(qw, QuantizedWeight):
-        raise TypeError(f"qw: expected a QuantizedWeight, got {type(qw).__name__}")
+        raise TypeError(f"qw: expected a QuantizedWeight or MixedQuantizedWeight, got {type(qw).__name__}")
     return torch.ops.efficient_ops.lowbit_gemm(x, qw.qweight, qw.scales, qw.zeros, bias, qw.bits,
                                                qw.group_size, qw.in_features, backend)

@@ -1,7 +1,9 @@
 """Quantizers and packed weight formats."""
 
-from .lowbit import (QuantizedWeight, dequantize_packed, dequantize_weight, pack_int4, padded_in_features,
-                     quantize_weight, unpack_int4, validate_packed)
+from .lowbit import (FORMATS, SUPPORTED_BITS, TERNARY, MixedQuantizedWeight, QuantizedWeight, dequantize_packed,
+                     dequantize_weight, get_format, pack_levels, padded_in_features, quantize_weight,
+                     quantize_weight_mixed, select_salient_channels, unpack_levels, validate_packed)
 
-__all__ = ["QuantizedWeight", "quantize_weight", "dequantize_weight", "dequantize_packed", "pack_int4",
-           "unpack_int4", "padded_in_features", "validate_packed"]
+__all__ = ["FORMATS", "SUPPORTED_BITS", "TERNARY", "MixedQuantizedWeight", "QuantizedWeight", "quantize_weight",
+           "quantize_weight_mixed", "select_salient_channels", "dequantize_weight", "dequantize_packed",
+           "get_format", "pack_levels", "unpack_levels", "padded_in_features", "validate_packed"]
