@@ -60,35 +60,47 @@ DType parse_dtype(const std::string& name, const char* arg) {
   throw py::value_error(std::string(arg) + " must be 'float16' or 'bfloat16', got '" + name + "'");
 }
 
-void lowbit_gemv_w4(uintptr_t x_ptr, uintptr_t qweight_ptr, uintptr_t scales_ptr, uintptr_t zeros_ptr,
-                    uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N, int64_t K, int64_t K_pad,
-                    int64_t group_size, int64_t x_row_stride, int64_t out_row_stride,
-                    const std::string& x_dtype, const std::string& scale_dtype, uintptr_t stream) {
-  efficient_ops::LowbitGemvW4Args args;
+efficient_ops::LowbitFormat parse_format(const std::string& name, const char* arg, bool allow_empty) {
+  using efficient_ops::LowbitFormat;
+  if (name == "w4") return LowbitFormat::kW4;
+  if (name == "w3") return LowbitFormat::kW3;
+  if (name == "w2") return LowbitFormat::kW2;
+  if (name == "ternary") return LowbitFormat::kTernary;
+  if (name == "w1") return LowbitFormat::kW1;
+  if (allow_empty && name.empty()) return LowbitFormat::kNone;
+  throw py::value_error("lowbit_gemv: " + std::string(arg) + " must be one of 'w4', 'w3', 'w2', 'ternary', 'w1'" +
+                        (allow_empty ? " or ''" : "") + ", got '" + name + "'");
+}
+
+void lowbit_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N, int64_t x_row_stride,
+                 int64_t out_row_stride, const std::string& x_dtype, const std::string& scale_dtype, uintptr_t stream,
+                 const std::string& fmt_a, uintptr_t qweight_a_ptr, uintptr_t scales_a_ptr, uintptr_t zeros_a_ptr,
+                 int64_t k_a, int64_t group_a, uintptr_t perm_ptr, const std::string& fmt_b, uintptr_t qweight_b_ptr,
+                 uintptr_t scales_b_ptr, uintptr_t zeros_b_ptr, int64_t k_b, int64_t group_b) {
+  efficient_ops::LowbitGemvArgs args;
   args.x_dtype = parse_dtype(x_dtype, "x_dtype");
   args.scale_dtype = parse_dtype(scale_dtype, "scale_dtype");
   args.x = reinterpret_cast<const void*>(x_ptr);
-  args.qweight = reinterpret_cast<const void*>(qweight_ptr);
-  args.scales = reinterpret_cast<const void*>(scales_ptr);
-  args.zeros = reinterpret_cast<const void*>(zeros_ptr);
   args.bias = reinterpret_cast<const void*>(bias_ptr);  // 0 -> nullptr: no bias
   args.out = reinterpret_cast<void*>(out_ptr);
+  args.perm = reinterpret_cast<const void*>(perm_ptr);  // 0 -> nullptr: x read in order
   args.M = M;
   args.N = N;
-  args.K = K;
-  args.K_pad = K_pad;
-  args.group_size = group_size;
   args.x_row_stride = x_row_stride;
   args.out_row_stride = out_row_stride;
+  args.a = {parse_format(fmt_a, "fmt_a", false), reinterpret_cast<const void*>(qweight_a_ptr),
+            reinterpret_cast<const void*>(scales_a_ptr), reinterpret_cast<const void*>(zeros_a_ptr), k_a, group_a};
+  args.b = {parse_format(fmt_b, "fmt_b", true), reinterpret_cast<const void*>(qweight_b_ptr),
+            reinterpret_cast<const void*>(scales_b_ptr), reinterpret_cast<const void*>(zeros_b_ptr), k_b, group_b};
   if (M < 1 || M > efficient_ops::kLowbitGemvMaxM)
-    throw py::value_error("lowbit_gemv_w4: M must be in 1.." + std::to_string(efficient_ops::kLowbitGemvMaxM) +
+    throw py::value_error("lowbit_gemv: M must be in 1.." + std::to_string(efficient_ops::kLowbitGemvMaxM) +
                           ", got " + std::to_string(M));
-  if (const char* problem = efficient_ops::lowbit_gemv_w4_check(args))
-    throw py::value_error(std::string("lowbit_gemv_w4: ") + problem);
+  if (const char* problem = efficient_ops::lowbit_gemv_check(args))
+    throw py::value_error(std::string("lowbit_gemv: ") + problem);
 
-  const cudaError_t err = efficient_ops::lowbit_gemv_w4(args, reinterpret_cast<cudaStream_t>(stream));
+  const cudaError_t err = efficient_ops::lowbit_gemv(args, reinterpret_cast<cudaStream_t>(stream));
   if (err != cudaSuccess)
-    throw std::runtime_error(std::string("lowbit_gemv_w4: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
+    throw std::runtime_error(std::string("lowbit_gemv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
                              cudaGetErrorName(err) + ")");
 }
 
@@ -102,12 +114,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info,
         "Dict with 'archs' (list of str), 'cuda_runtime_version' (int, e.g. 13000) and 'nvcc_version' (str).");
 
-  m.def("lowbit_gemv_w4", &lowbit_gemv_w4, py::arg("x_ptr"), py::arg("qweight_ptr"), py::arg("scales_ptr"),
-        py::arg("zeros_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"), py::arg("N"), py::arg("K"),
-        py::arg("K_pad"), py::arg("group_size"), py::arg("x_row_stride"), py::arg("out_row_stride"),
-        py::arg("x_dtype"), py::arg("scale_dtype"), py::arg("stream"),
-        "W4A16 decode GEMV, M = 1..16: out[m, n] = sum_k x[m, k] * (q[n, k] - z[n, g]) * s[n, g] (+ bias[n]), "
-        "g = k // group_size, float32 accumulation. qweight: int32 [N, K_pad/8], nibble j of word w is "
-        "k = 8w + j. Asynchronous on `stream` (0 = legacy default stream). Raises ValueError for bad dtype "
-        "strings or M, RuntimeError if the launch fails.");
+  m.def("lowbit_gemv", &lowbit_gemv, py::arg("x_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"),
+        py::arg("N"), py::arg("x_row_stride"), py::arg("out_row_stride"), py::arg("x_dtype"), py::arg("scale_dtype"),
+        py::arg("stream"), py::arg("fmt_a"), py::arg("qweight_a_ptr"), py::arg("scales_a_ptr"),
+        py::arg("zeros_a_ptr"), py::arg("k_a"), py::arg("group_a"), py::arg("perm_ptr") = 0, py::arg("fmt_b") = "",
+        py::arg("qweight_b_ptr") = 0, py::arg("scales_b_ptr") = 0, py::arg("zeros_b_ptr") = 0, py::arg("k_b") = 0,
+        py::arg("group_b") = 0,
+        "Low-bit decode GEMV, M = 1..16 rows of x (float16/bfloat16), one launch, float32 accumulation:\n"
+        "out[m, n] = sum_j x[m, col_a(j)] * wa[n, j] + sum_j x[m, col_b(j)] * wb[n, j] (+ bias[n]), with\n"
+        "w[n, j] = (q[n, j] - zeros[n, j // group]) * scales[n, j // group] for each segment's packed levels q.\n"
+        "fmt_a, fmt_b: 'w4', 'w3', 'w2', 'ternary', 'w1' (layouts: efficient_ops.quant.lowbit); fmt_b '' = no\n"
+        "second segment. k_a, k_b: real columns (K before padding; K_pad comes from the format's k_align).\n"
+        "group_a, group_b: columns per scale, a multiple of 32 (K_pad for one scale per row); scales/zeros are\n"
+        "[N, ceil(K_pad / group)] in scale_dtype, qweight int32 [N, words], 16-byte aligned. perm_ptr 0: x has\n"
+        "k_a columns read in order (fmt_b must be ''); else perm is int32 [k_a + k_b], x has k_a + k_b columns,\n"
+        "col_a(j) = perm[j], col_b(j) = perm[k_a + j] (values outside [0, k_a + k_b) are clamped to the last\n"
+        "column). Pointers are raw ints, 0 = null. Asynchronous on `stream` (0 = legacy default stream).\n"
+        "Raises ValueError for bad formats, dtypes, sizes or alignment, RuntimeError if the launch fails.");
 }

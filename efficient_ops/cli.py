@@ -12,10 +12,10 @@ from . import __version__, backends
 
 # Per op: what each backend covers, shown by ``info``.
 OPS = {
-    "lowbit_gemm": {"cuda": "decode GEMV, M <= 16, fp16/bf16; 4-bit only so far",
+    "lowbit_gemm": {"cuda": "decode GEMV, M <= 16, fp16/bf16; 4/3/2/1.58/1 bits",
                     "triton": "GEMV (M <= 16, split-K) + tensor-core GEMM; 4/3/2/1.58/1 bits",
                     "reference": "PyTorch, any device"},
-    "lowbit_gemm_mixed": {"cuda": "not yet (use triton)", "triton": "one launch, any M",
+    "lowbit_gemm_mixed": {"cuda": "PTQ1.61 mixed precision in one launch, M <= 16", "triton": "one launch, any M",
                           "reference": "PyTorch, any device"},
 }
 FAMILIES = ("lowbit",)

@@ -14,12 +14,11 @@ pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-3}
 
 
-def gpu_backends(m, dtype, bits=4):
+def gpu_backends(m, dtype):
     dev = torch.device("cuda")
     names = [b for b in ("cuda", "triton") if backends.device_status(b, dev) is None]
     assert names, "no GPU backend is available: is efficient_ops._C built and Triton installed?"
-    # the CUDA GEMV runs 4-bit weights only so far
-    return [b for b in names if not (b == "cuda" and (m > 16 or dtype == torch.float32 or bits != 4))]
+    return [b for b in names if not (b == "cuda" and (m > 16 or dtype == torch.float32))]
 
 
 # (bits, grid) of every packed format; the mixed layout is "ptq1.61"
@@ -63,7 +62,7 @@ def test_backends_match_reference(dtype, m, group_size, n, k, poison_outputs):
 def test_every_format_matches_reference(dtype, m, group_size, n, k, bits, grid, poison_outputs):
     x, qw, b = make(m, n, k, dtype, group_size, bias=m % 2 == 1, seed=m + n, bits=bits, grid=grid)
     ref = efficient_ops.lowbit_linear(x, qw, b, backend="reference")
-    for name in gpu_backends(m, dtype, bits):
+    for name in gpu_backends(m, dtype):
         assert rel_err(efficient_ops.lowbit_linear(x, qw, b, backend=name), ref) < TOL[dtype], (name, bits)
 
 
@@ -81,7 +80,7 @@ def test_mixed_scale_dtype(scale_dtype):
 def test_llama_shapes(k, n, m, bits, grid):
     x, qw, _ = make(m, n, k, torch.bfloat16, 128, bias=False, bits=bits, grid=grid)
     ref = efficient_ops.lowbit_linear(x, qw, backend="reference")
-    for name in gpu_backends(m, torch.bfloat16, bits):
+    for name in gpu_backends(m, torch.bfloat16):
         assert rel_err(efficient_ops.lowbit_linear(x, qw, backend=name), ref) < 1e-2, name
 
 
@@ -93,7 +92,7 @@ def test_misaligned_and_strided_x(bits, grid):
     xs = buf[1:].as_strided((3, 250), (253, 1))
     xs.copy_(x)
     ref = efficient_ops.lowbit_linear(x, qw, b, backend="reference")
-    for name in gpu_backends(3, torch.float16, bits):
+    for name in gpu_backends(3, torch.float16):
         assert rel_err(efficient_ops.lowbit_linear(xs, qw, b, backend=name), ref) < 1e-2, name
 
 
@@ -110,7 +109,7 @@ def test_default_backend_on_gpu(monkeypatch):
 @pytest.mark.parametrize("bits, grid", FORMATS)
 def test_cuda_graph_capture_and_replay(m, bits, grid):
     x, qw, b = make(m, 512, 1024, torch.float16, 128, bias=True, bits=bits, grid=grid)
-    for name in gpu_backends(m, torch.float16, bits):
+    for name in gpu_backends(m, torch.float16):
         static_x = x.clone()
         efficient_ops.lowbit_linear(static_x, qw, b, backend=name)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
@@ -127,7 +126,7 @@ def test_cuda_graph_capture_and_replay(m, bits, grid):
 @pytest.mark.parametrize("bits", [4, 3, 1.58])
 def test_opcheck_on_gpu(bits):
     x, qw, b = make(3, 64, 256, torch.float16, 128, bias=True, bits=bits)
-    for name in gpu_backends(3, torch.float16, bits):
+    for name in gpu_backends(3, torch.float16):
         torch.library.opcheck(torch.ops.efficient_ops.lowbit_gemm.default,
                               (x, qw.qweight, qw.scales, qw.zeros, b, bits, 128, 256, name))
 
@@ -135,7 +134,7 @@ def test_opcheck_on_gpu(bits):
 def test_opcheck_mixed_on_gpu():
     x, mqw, b = make(3, 64, 256, torch.float16, 128, bias=True, bits="ptq1.61")
     a, r = mqw.salient, mqw.rest
-    for name in gpu_backends(3, torch.float16, "ptq1.61"):
+    for name in gpu_backends(3, torch.float16):
         torch.library.opcheck(torch.ops.efficient_ops.lowbit_gemm_mixed.default,
                               (x, mqw.perm, a.qweight, a.scales, a.zeros, r.qweight, r.scales, r.zeros, b, a.bits,
                                a.group_size, r.bits, r.group_size, a.in_features, name))

@@ -94,12 +94,17 @@ def test_quantize_model_swaps_linears_and_honours_skip():
     assert rel_err(model(x), before) < 0.2
 
 
-def test_quantize_hf_causal_lm():
+def tiny_llama():
+    """A randomly initialised two-layer Hugging Face Llama (7 linears per layer, vocabulary 128)."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_hf_causal_lm():
+    model = tiny_llama()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         dense = model(ids).logits
@@ -115,11 +120,7 @@ def test_quantize_hf_causal_lm():
 @pytest.mark.parametrize("kwargs, module_type", [(dict(bits=1.58, group_size=64), QuantLinear),
                                                  (dict(bits=1, group_size=-1, salient_fraction=0.25), MixedQuantLinear)])
 def test_quantize_hf_causal_lm_low_bits(kwargs, module_type):
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 128, (1, 12))
     calib = [torch.randint(0, 128, (1, 16)) for _ in range(2)] if "salient_fraction" in kwargs else None
     with torch.no_grad():

@@ -29,7 +29,7 @@ def test_extension_built_and_imports():
     wanted = os.environ.get("EFFICIENT_OPS_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
     assert sorted(build["archs"]) == sorted(a.strip() for a in wanted if a.strip())
     assert build["cuda_runtime_version"] >= 11000
-    assert hasattr(backends.extension(), "lowbit_gemv_w4")
+    assert hasattr(backends.extension(), "lowbit_gemv")
 
 
 def test_import_touches_no_gpu_and_no_triton():

@@ -2,8 +2,8 @@
 low-bit weights (every format of ``efficient_ops.quant.lowbit``; the mixed op is PTQ1.61's layout).
 
 Backends: ``reference`` (any device), ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``; every M),
-``cuda`` (the compiled decode GEMV: M <= 16 rows, float16/bfloat16 x and scales; 4-bit only so far).
-The mixed op runs both packed parts in one launch on the triton backend.
+``cuda`` (the compiled decode GEMV: M <= 16 rows, float16/bfloat16 x and scales). The mixed op runs
+both packed parts in one launch on either kernel backend.
 """
 
 from typing import Optional, Union
@@ -72,9 +72,6 @@ def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, pa
     """Why ``backend`` cannot run this call (None if it can); ``parts``: (bits, in_features) per packed part."""
     if backend != "cuda":
         return None
-    if len(parts) != 1 or get_format(parts[0][0]).name != "w4":
-        return ("the cuda backend runs 4-bit weights only in this build (the sub-4-bit and mixed CUDA GEMV is "
-                "not landed yet); use backend='triton'")
     if m > CUDA_MAX_M:
         return (f"the cuda backend of lowbit_gemm is the decode GEMV for M <= {CUDA_MAX_M} rows "
                 f"(got M={m}); use backend='triton' for larger M")
@@ -86,14 +83,17 @@ def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, pa
 
 
 def _run_cuda(x2, segments, bias, perm):
-    (qweight, scales, zeros, bits, group, k), = segments  # _unsupported admits one 4-bit segment only
-    m, n = x2.shape[0], qweight.shape[0]
+    m, n = x2.shape[0], segments[0][0].shape[0]
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
-    backends.extension().lowbit_gemv_w4(
-        x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-        0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, k, padded_in_features(k, bits), group,
-        x2.stride(0), out.stride(0), _DTYPE_NAMES[x2.dtype], _DTYPE_NAMES[scales.dtype],
-        torch.cuda.current_stream(x2.device).cuda_stream)
+    parts = []
+    for qweight, scales, zeros, bits, group, k in segments:
+        parts += [get_format(bits).name, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), k, group]
+    mixed = dict(perm_ptr=perm.data_ptr(), **dict(zip(("fmt_b", "qweight_b_ptr", "scales_b_ptr", "zeros_b_ptr",
+                                                       "k_b", "group_b"), parts[6:]))) if perm is not None else {}
+    backends.extension().lowbit_gemv(
+        x2.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, x2.stride(0), out.stride(0),
+        _DTYPE_NAMES[x2.dtype], _DTYPE_NAMES[segments[0][1].dtype],
+        torch.cuda.current_stream(x2.device).cuda_stream, *parts[:6], **mixed)
     return out
 
 
