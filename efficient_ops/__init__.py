@@ -6,7 +6,8 @@ extension or Triton (see ``efficient-ops info`` for what is available here).
 
 __version__ = "0.1.0"
 
-from . import backends, nn, ops, quant  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
+from . import backends, nn, ops, quant, rsparse  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
 from .ops.lowbit import lowbit_linear
+from .ops.rsparse import rsparse_linear
 
-__all__ = ["lowbit_linear", "backends", "nn", "ops", "quant", "__version__"]
+__all__ = ["lowbit_linear", "rsparse_linear", "backends", "nn", "ops", "quant", "rsparse", "__version__"]

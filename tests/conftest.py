@@ -54,3 +54,12 @@ def nvcc_path():
         if path and os.path.isfile(path):
             return path
     return None
+
+
+def tiny_llama():
+    """A randomly initialised two-layer Hugging Face Llama (7 linears per layer, vocabulary 128)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+    return transformers.LlamaForCausalLM(cfg).eval()

@@ -9,7 +9,7 @@ from efficient_ops import backends
 from efficient_ops.nn import MixedQuantLinear, QuantLinear, quantize_model
 from efficient_ops.quant import dequantize_weight, select_salient_channels
 
-from conftest import rel_err
+from conftest import rel_err, tiny_llama
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -92,15 +92,6 @@ def test_quantize_model_swaps_linears_and_honours_skip():
     assert isinstance(model.block[0], QuantLinear) and isinstance(model.block[2], QuantLinear)
     assert type(model.lm_head) is nn.Linear
     assert rel_err(model(x), before) < 0.2
-
-
-def tiny_llama():
-    """A randomly initialised two-layer Hugging Face Llama (7 linears per layer, vocabulary 128)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def test_quantize_hf_causal_lm():

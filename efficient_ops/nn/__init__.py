@@ -1,5 +1,6 @@
 """``torch.nn`` modules over the efficient_ops kernels, and helpers that swap them into models."""
 
 from .lowbit import MixedQuantLinear, QuantLinear, quantize_model
+from .rsparse import RSparseLinear, rsparsify_model
 
-__all__ = ["MixedQuantLinear", "QuantLinear", "quantize_model"]
+__all__ = ["MixedQuantLinear", "QuantLinear", "RSparseLinear", "quantize_model", "rsparsify_model"]

@@ -9,6 +9,6 @@ import torch
 
 lib = torch.library.Library("efficient_ops", "DEF")
 
-from . import lowbit  # noqa: E402  (registers its ops on ``lib``)
+from . import lowbit, rsparse  # noqa: E402  (each registers its ops on ``lib``)
 
-__all__ = ["lib", "lowbit"]
+__all__ = ["lib", "lowbit", "rsparse"]
