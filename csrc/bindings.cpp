@@ -17,6 +17,7 @@
 #include <cuda_runtime_api.h>
 
 #include "lowbit/lowbit_gemv.h"
+#include "rsparse/rsparse_gemv.h"
 
 #ifndef EFFICIENT_OPS_CUDA_ARCHS
 #define EFFICIENT_OPS_CUDA_ARCHS ""  // set by CMakeLists.txt, comma separated, e.g. "80,90a"
@@ -104,6 +105,47 @@ void lowbit_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t
                              cudaGetErrorName(err) + ")");
 }
 
+void rsparse_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t K, int64_t N, int64_t R,
+                  int64_t x_row_stride, int64_t out_row_stride, uintptr_t weight_t_ptr, uintptr_t col_norms_ptr,
+                  float threshold, uintptr_t v_ptr, uintptr_t us_t_ptr, uintptr_t workspace_ptr,
+                  const std::string& dtype, uintptr_t stream) {
+  if (dtype != "float16" && dtype != "bfloat16")
+    throw py::value_error("rsparse_gemv: dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  efficient_ops::RSparseGemvArgs args;
+  args.dtype = parse_dtype(dtype, "dtype");
+  args.x = reinterpret_cast<const void*>(x_ptr);
+  args.weight_t = reinterpret_cast<const void*>(weight_t_ptr);
+  args.col_norms = reinterpret_cast<const float*>(col_norms_ptr);
+  args.threshold = threshold;
+  args.v = reinterpret_cast<const void*>(v_ptr);        // 0 -> nullptr: allowed when R == 0
+  args.us_t = reinterpret_cast<const void*>(us_t_ptr);  // 0 -> nullptr: allowed when R == 0
+  args.bias = reinterpret_cast<const void*>(bias_ptr);  // 0 -> nullptr: no bias
+  args.out = reinterpret_cast<void*>(out_ptr);
+  args.workspace = reinterpret_cast<void*>(workspace_ptr);
+  args.M = M;
+  args.K = K;
+  args.N = N;
+  args.R = R;
+  args.x_row_stride = x_row_stride;
+  args.out_row_stride = out_row_stride;
+  if (const char* problem = efficient_ops::rsparse_gemv_check(args))
+    throw py::value_error(std::string("rsparse_gemv: ") + problem);
+
+  const cudaError_t err = efficient_ops::rsparse_gemv(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("rsparse_gemv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
+int64_t rsparse_workspace_bytes(int64_t M, int64_t N, int64_t R) {
+  const int64_t bytes = efficient_ops::rsparse_gemv_workspace_bytes(M, N, R);
+  if (bytes < 0)
+    throw py::value_error("rsparse_workspace_bytes: need 0 <= M <= " + std::to_string(efficient_ops::kRSparseGemvMaxM) +
+                          " and 0 <= N, R < 2^30, got M=" + std::to_string(M) + ", N=" + std::to_string(N) +
+                          ", R=" + std::to_string(R));
+  return bytes;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -131,4 +173,23 @@ PYBIND11_MODULE(_C, m) {
         "col_a(j) = perm[j], col_b(j) = perm[k_a + j] (values outside [0, k_a + k_b) are clamped to the last\n"
         "column). Pointers are raw ints, 0 = null. Asynchronous on `stream` (0 = legacy default stream).\n"
         "Raises ValueError for bad formats, dtypes, sizes or alignment, RuntimeError if the launch fails.");
+
+  m.def("rsparse_gemv", &rsparse_gemv, py::arg("x_ptr"), py::arg("bias_ptr"), py::arg("out_ptr"), py::arg("M"),
+        py::arg("K"), py::arg("N"), py::arg("R"), py::arg("x_row_stride"), py::arg("out_row_stride"),
+        py::arg("weight_t_ptr"), py::arg("col_norms_ptr"), py::arg("threshold"), py::arg("v_ptr"),
+        py::arg("us_t_ptr"), py::arg("workspace_ptr"), py::arg("dtype"), py::arg("stream"),
+        "R-Sparse decode GEMV, M = 1..8 rows of x (dtype 'float16' or 'bfloat16'), one launch, float32 sums:\n"
+        "active[m, i] = |x[m, i]| * col_norms[i] > threshold (float32; NaN inactive);\n"
+        "z[m] = sum over inactive i of x[m, i] * v[i];  out[m] = sum over active i of x[m, i] * weight_t[i]\n"
+        "+ z[m] @ us_t (+ bias), rounded once to dtype. weight_t [K, N], v [K, R], us_t [R, N] contiguous in\n"
+        "dtype; col_norms float32 [K]; bias [N] or 0; x [M, K] and out [M, N] with the given row strides\n"
+        "(elements, unit stride within a row). R = 0: no low-rank branch (v_ptr, us_t_ptr may be 0). K = 0 is\n"
+        "allowed (out = bias). workspace: rsparse_workspace_bytes(M, N, R) bytes, at least 16-byte aligned,\n"
+        "ZEROED before every call (the kernel leaves it dirty). Pointers are raw ints, 0 = null. Asynchronous\n"
+        "on `stream` (0 = legacy default stream). Raises ValueError for bad sizes, strides, null pointers or\n"
+        "alignment, RuntimeError if the launch fails.");
+
+  m.def("rsparse_workspace_bytes", &rsparse_workspace_bytes, py::arg("M"), py::arg("N"), py::arg("R"),
+        "Bytes of zeroed workspace rsparse_gemv needs for M rows, N outputs and rank R (float32 partial sums\n"
+        "[M, N] and [M, R] plus arrival counters). Raises ValueError for M outside 0..8 or negative N, R.");
 }
