@@ -137,7 +137,8 @@ def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float =
             :func:`efficient_ops.rsparse.calibrate`).
         skip: module names to leave dense ("lm_head" matches "lm_head" and "model.lm_head").
         max_sparse_rows: the prefill crossover of every new layer (see :class:`RSparseLinear`).
-        dtype: dtype of the stored weights (default: each layer's weight dtype).
+        dtype: dtype of the stored weights, which must be the dtype of the activations the layers see
+            (default: each layer's weight dtype).
         progress: show tqdm progress bars.
 
     Returns:
