@@ -227,14 +227,21 @@ def run(device, out_dir: str = "bench/results", formats: Optional[Sequence[str]]
               f"non-overlapping windows of {seq_len}; quantized: {len(linears)} linears, "
               f"{payload['model']['weights_to_quantize'] / 1e6:.1f}M weights ({', '.join(SKIP)} and the tied "
               f"embedding stay dense)")
+    write_quality(out_dir, RESULT_NAME, "Perplexity before and after low-bit quantization", header, table, payload)
+    return payload
+
+
+def write_quality(out_dir: str, name: str, title: str, header: str, table: str, payload: dict) -> str:
+    """Write ``<out_dir>/quality/<name>.json`` (``payload``) and ``<name>.md`` (title, header, table); print
+    the table; return the folder."""
     out = os.path.join(out_dir, "quality")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{RESULT_NAME}.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    with open(os.path.join(out, f"{RESULT_NAME}.md"), "w") as f:
-        f.write(f"# Perplexity before and after low-bit quantization\n\n{header}.\n\n{table}\n")
-    print(f"\n{header}\n{table}\nresults: {out}/{RESULT_NAME}.json, {RESULT_NAME}.md")
-    return payload
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
+        f.write(f"# {title}\n\n{header}.\n\n{table}\n")
+    print(f"\n{header}\n{table}\nresults: {out}/{name}.json, {name}.md")
+    return out
 
 
 def main(argv=None):

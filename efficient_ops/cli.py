@@ -17,8 +17,10 @@ OPS = {
                     "reference": "PyTorch, any device"},
     "lowbit_gemm_mixed": {"cuda": "PTQ1.61 mixed precision in one launch, M <= 16", "triton": "one launch, any M",
                           "reference": "PyTorch, any device"},
+    "rsparse_linear": {"cuda": "fused decode kernel, M <= 8, fp16/bf16", "triton": "one fused launch, any M, fp16/bf16",
+                       "reference": "PyTorch, any device"},
 }
-FAMILIES = ("lowbit",)
+FAMILIES = ("lowbit", "rsparse")
 
 
 def _gpu_line() -> str:

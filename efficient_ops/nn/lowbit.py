@@ -1,7 +1,7 @@
 """``QuantLinear`` and ``MixedQuantLinear``: ``nn.Linear`` replacements holding packed low-bit weights, and
 model conversion (:func:`quantize_model`)."""
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import nn

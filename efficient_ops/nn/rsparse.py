@@ -125,7 +125,7 @@ def _collect_inputs(model: nn.Module, targets, calib_batches, max_rows: int, pro
 def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float = 0.5, alpha: Optional[float] = None,
                     skip: Iterable[str] = ("lm_head",), max_rows: int = 4096,
                     max_sparse_rows: Optional[int] = DEFAULT_MAX_SPARSE_ROWS, dtype: Optional[torch.dtype] = None,
-                    progress: bool = True) -> nn.Module:
+                    progress: bool = True, **calibrate_kwargs) -> nn.Module:
     """Replace every ``nn.Linear`` in ``model`` by an :class:`RSparseLinear` calibrated on its own inputs, in place.
 
     Args:
@@ -140,6 +140,7 @@ def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float =
         dtype: dtype of the stored weights, which must be the dtype of the activations the layers see
             (default: each layer's weight dtype).
         progress: show tqdm progress bars.
+        calibrate_kwargs: passed to :func:`efficient_ops.rsparse.calibrate` (``alphas``, ``max_search_rows``).
 
     Returns:
         ``model`` itself.
@@ -150,7 +151,7 @@ def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float =
     for name, linear in tqdm(targets, desc=f"calibrating R-Sparse at sparsity {sparsity}", unit="layer",
                              disable=not progress):
         x = torch.cat(inputs.pop(name))
-        module = RSparseLinear.from_linear(linear, x, sparsity=sparsity, alpha=alpha, dtype=dtype)
+        module = RSparseLinear.from_linear(linear, x, sparsity=sparsity, alpha=alpha, dtype=dtype, **calibrate_kwargs)
         module.max_sparse_rows = max_sparse_rows
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
