@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 
 from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, get_format, num_groups, padded_in_features,
                             quantize_weight, quantize_weight_mixed, select_salient_channels, validate_packed)
+from .convert import copy_bias, observe_inputs, replace_module, target_linears
 
 
 def _packed_buffers(module: nn.Module, suffix: str, out_features: int, in_features: int, bits, group_size: int,
@@ -22,11 +23,6 @@ def _packed_buffers(module: nn.Module, suffix: str, out_features: int, in_featur
 
 def _default_scale_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-
-
-def _copy_bias(module: nn.Module, bias: Optional[torch.Tensor]) -> None:
-    if bias is not None:
-        module.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
 
 class QuantLinear(nn.Module):
@@ -73,7 +69,7 @@ class QuantLinear(nn.Module):
         module = cls(qw.in_features, qw.out_features, bias=bias is not None, bits=qw.bits, group_size=qw.group_size,
                      dtype=qw.dtype, scale_dtype=qw.scales.dtype, device="meta")
         module.qweight, module.scales, module.zeros = qw.qweight, qw.scales, qw.zeros  # buffers: share storage
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return module
 
     @property
@@ -141,7 +137,7 @@ class MixedQuantLinear(nn.Module):
         module.perm = mqw.perm
         module.qweight_a, module.scales_a, module.zeros_a = a.qweight, a.scales, a.zeros
         module.qweight_b, module.scales_b, module.zeros_b = b.qweight, b.scales, b.zeros
-        _copy_bias(module, bias)
+        copy_bias(module, bias)
         return module
 
     @property
@@ -165,35 +161,16 @@ class MixedQuantLinear(nn.Module):
                 f"salient={self.salient_features} x {self.bits_a} bits, rest={self.bits_b} bits")
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    # "lm_head" matches "lm_head" and "model.lm_head"; "layers.0" matches everything under it.
-    dotted = f".{name}."
-    return any(f".{s}." in dotted for s in skip)
-
-
-@torch.no_grad()
 def _input_magnitudes(model: nn.Module, targets, calib_batches, progress: bool):
-    """Mean |x| per input channel of every target linear over the calibration batches (forward hooks)."""
+    """Mean |x| per input channel of every target linear over the calibration batches."""
     sums = {name: 0.0 for name, _ in targets}
     counts = dict.fromkeys(sums, 0)
 
-    def hook(name):
-        def record(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            sums[name] = sums[name] + x.abs().sum(0)
-            counts[name] += x.shape[0]
-        return record
+    def record(name, x):
+        sums[name] = sums[name] + x.float().abs().sum(0)
+        counts[name] += x.shape[0]
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in targets]
-    try:
-        for batch in tqdm(calib_batches, desc="calibrating", unit="batch", disable=not progress):
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [name for name, c in counts.items() if c == 0]
-    if missing:
-        raise ValueError(f"calib_batches: these layers saw no input: {missing[:5]}")
+    observe_inputs(model, targets, calib_batches, record, "calibrating", progress)
     return {name: sums[name] / counts[name] for name in sums}
 
 
@@ -219,9 +196,7 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, ski
     Returns:
         ``model`` itself.
     """
-    skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    targets = target_linears(model, skip)
     kwargs = dict(grid=grid, clip_search=clip_search, scale_dtype=scale_dtype)
     if symmetric:
         kwargs["symmetric"] = True
@@ -231,8 +206,6 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, ski
         magnitudes = _input_magnitudes(model, targets, calib_batches, progress)
     label = f"{bits} bits" if salient_fraction is None else f"{salient_bits}/{bits} bits mixed"
     for name, linear in tqdm(targets, desc=f"quantizing to {label}", unit="layer", disable=not progress):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         if salient_fraction is None:
             module = QuantLinear.from_linear(linear, bits=bits, group_size=group_size, **kwargs)
         else:
@@ -241,5 +214,5 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, ski
             module = MixedQuantLinear.from_linear(linear, salient, salient_bits=salient_bits, rest_bits=bits,
                                                   salient_group_size=salient_group_size, rest_group_size=group_size,
                                                   **kwargs)
-        setattr(parent, child, module)
+        replace_module(model, name, module)
     return model

@@ -8,7 +8,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..rsparse import RSparseWeights, calibrate, validate_weights
-from .lowbit import _copy_bias, _skipped
+from .convert import copy_bias, observe_inputs, replace_module, target_linears
 
 # Prefill crossover: calls with more rows than this run the dense weight through cuBLAS. The sparse path
 # wins by skipping weight bytes, which pays while reading the weight dominates (decode, a few rows);
@@ -61,7 +61,7 @@ class RSparseLinear(nn.Module):
         module.weight_t, module.col_norms, module.v, module.us_t = rw.weight_t, rw.col_norms, rw.v, rw.us_t
         module.threshold, module.alpha, module.sparsity = rw.threshold, rw.alpha, rw.sparsity
         if bias is not None:
-            _copy_bias(module, bias.to(rw.dtype))
+            copy_bias(module, bias.to(rw.dtype))
         return module
 
     @property
@@ -94,31 +94,18 @@ class RSparseLinear(nn.Module):
                 f"sparsity={self.sparsity}, alpha={self.alpha}, rank={self.rank}")
 
 
-@torch.no_grad()
 def _collect_inputs(model: nn.Module, targets, calib_batches, max_rows: int, progress: bool) -> Dict[str, list]:
-    """Up to ``max_rows`` input rows of every target linear over the calibration batches (forward hooks).
-    Rows are kept as views of the activations, so layers fed the same tensor (q/k/v) share memory."""
+    """Up to ``max_rows`` input rows of every target linear over the calibration batches. Rows are kept as
+    views of the activations, so layers fed the same tensor (q/k/v) share memory."""
     inputs = {name: [] for name, _ in targets}
     counts = dict.fromkeys(inputs, 0)
 
-    def hook(name):
-        def record(module, args, output):
-            if counts[name] < max_rows:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])[: max_rows - counts[name]]
-                inputs[name].append(x)
-                counts[name] += x.shape[0]
-        return record
+    def record(name, x):
+        if counts[name] < max_rows:
+            inputs[name].append(x[: max_rows - counts[name]])
+            counts[name] += inputs[name][-1].shape[0]
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in targets]
-    try:
-        for batch in tqdm(calib_batches, desc="collecting calibration inputs", unit="batch", disable=not progress):
-            model(**batch) if isinstance(batch, dict) else model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [name for name, c in counts.items() if c == 0]
-    if missing:
-        raise ValueError(f"calib_batches: these layers saw no input: {missing[:5]}")
+    observe_inputs(model, targets, calib_batches, record, "collecting calibration inputs", progress)
     return inputs
 
 
@@ -145,14 +132,12 @@ def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float =
     Returns:
         ``model`` itself.
     """
-    skip = tuple(skip)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and not _skipped(name, skip)]
+    targets = target_linears(model, skip)
     inputs = _collect_inputs(model, targets, calib_batches, max_rows, progress)
     for name, linear in tqdm(targets, desc=f"calibrating R-Sparse at sparsity {sparsity}", unit="layer",
                              disable=not progress):
         x = torch.cat(inputs.pop(name))
         module = RSparseLinear.from_linear(linear, x, sparsity=sparsity, alpha=alpha, dtype=dtype, **calibrate_kwargs)
         module.max_sparse_rows = max_sparse_rows
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        replace_module(model, name, module)
     return model

@@ -9,6 +9,18 @@ import torch
 
 lib = torch.library.Library("efficient_ops", "DEF")
 
+
+def check_bias(bias, n: int, x: torch.Tensor) -> None:
+    """An optional ``bias`` must be ``[n]``, in x's dtype, on x's device."""
+    if bias is None:
+        return
+    if bias.shape != (n,):
+        raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
+    if bias.dtype != x.dtype:
+        raise TypeError(f"bias: dtype {bias.dtype} differs from x dtype {x.dtype}")
+    if bias.device != x.device:
+        raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
+
 from . import lowbit, rsparse  # noqa: E402  (each registers its ops on ``lib``)
 
 __all__ = ["lib", "lowbit", "rsparse"]

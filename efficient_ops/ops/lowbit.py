@@ -14,7 +14,7 @@ from .. import backends
 from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, _dequantize, _dequantize_mixed,
                             effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
 from ..reference import lowbit as reference
-from . import lib
+from . import check_bias, lib
 
 CUDA_MAX_M = 16
 CUDA_MAX_K = 2 ** 20  # the GEMV's K_pad limit (chunk -> group index by a 32-bit multiply)
@@ -33,13 +33,7 @@ def _check_x_bias(x, bias, n, in_features):
         raise TypeError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension must be in_features={in_features}, got shape {tuple(x.shape)}")
-    if bias is not None:
-        if bias.shape != (n,):
-            raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
+    check_bias(bias, n, x)
 
 
 def _check(x, qweight, scales, zeros, bias, bits, group_size, in_features):

@@ -15,7 +15,7 @@ import torch
 from .. import backends
 from ..reference import rsparse as reference
 from ..rsparse import DTYPES, KERNEL_DTYPES, RSparseWeights, _mask, validate_weights
-from . import lib
+from . import check_bias, lib
 
 CUDA_MAX_M = 8
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -36,13 +36,7 @@ def _check(x, weight_t, col_norms, threshold, v, us_t, bias):
         raise TypeError(f"x: dtype {x.dtype} differs from the weights' dtype {weight_t.dtype}")
     if x.device != weight_t.device:
         raise ValueError(f"x: on {x.device}, but the weights are on {weight_t.device}")
-    if bias is not None:
-        if bias.shape != (n,):
-            raise ValueError(f"bias: expected shape [{n}], got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"bias: dtype {bias.dtype} differs from x dtype {x.dtype}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
+    check_bias(bias, n, x)
 
 
 def _unsupported(backend: str, m: int, x: torch.Tensor) -> Optional[str]:
