@@ -78,6 +78,8 @@
 
 #include "lowbit_gemv.h"
 
+#include "../common/device_helpers.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -108,20 +110,7 @@ constexpr int kRowsPerWarp = MT <= 2 ? 4 : 2;
 template <int MT>
 constexpr int kMinBlocksPerSM = MT == 1 ? 4 : MT <= 4 ? 3 : 2;
 
-#define EO_HD __host__ __device__ __forceinline__
-
 // ---- portable helpers (the host versions exist for the CPU emulation) ----------------------
-
-EO_HD float as_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
 EO_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
 #ifdef __CUDA_ARCH__
   return __byte_perm(a, b, selector);
@@ -152,14 +141,6 @@ EO_HD uint4 load_u128(const void* p) {
 #endif
 }
 
-EO_HD uint16_t load_u16(const void* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(static_cast<const unsigned short*>(p));
-#else
-  return *static_cast<const uint16_t*>(p);
-#endif
-}
-
 EO_HD int load_i32(const int* p) {
 #ifdef __CUDA_ARCH__
   return __ldg(p);
@@ -167,16 +148,6 @@ EO_HD int load_i32(const int* p) {
   return *p;
 #endif
 }
-
-EO_HD float half_bits_to_float(uint16_t u) {
-  __half_raw raw;
-  raw.x = u;
-  return __half2float(__half(raw));
-}
-
-EO_HD float bf16_bits_to_float(uint16_t u) { return as_float(uint32_t(u) << 16); }
-
-EO_HD uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
 
 // Activation / output element types.
 template <typename T>

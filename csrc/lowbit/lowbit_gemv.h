@@ -6,9 +6,9 @@
 
 #include <cuda_runtime_api.h>
 
-namespace efficient_ops {
+#include "../common/dtype.h"
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+namespace efficient_ops {
 
 // Packed weight formats (efficient_ops.quant.lowbit's module docstring is the specification).
 // kNone marks an absent second segment.

@@ -69,6 +69,8 @@
 
 #include "rsparse_gemv.h"
 
+#include "../common/device_helpers.cuh"
+
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -100,19 +102,9 @@ constexpr int kMinBlocksPerSM = MT <= 2 ? 4 : MT == 4 ? 3 : 2;
 template <int MT>
 constexpr int kUnroll = 4;
 
-#define RS_HD __host__ __device__ __forceinline__
-
 // ---- portable memory helpers (host versions for the CPU emulation) ---------------------------
 
-RS_HD uint16_t ld_u16(const uint16_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const unsigned short*>(p));
-#else
-  return *p;
-#endif
-}
-
-RS_HD float ld_f32(const float* p) {
+EO_HD float ld_f32(const float* p) {
 #ifdef __CUDA_ARCH__
   return __ldg(p);
 #else
@@ -121,7 +113,7 @@ RS_HD float ld_f32(const float* p) {
 }
 
 // A weight row's 16 bytes, read once: non-coherent path, no L1 allocation.
-RS_HD uint4 ld_stream_u128(const uint16_t* p) {
+EO_HD uint4 ld_stream_u128(const uint16_t* p) {
 #ifdef __CUDA_ARCH__
   uint4 r;
   asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -140,7 +132,7 @@ RS_HD uint4 ld_stream_u128(const uint16_t* p) {
 }
 
 // Workspace reads after the producers' release: from L2 (ld.global.cg), never from L1.
-RS_HD float ld_cg(const float* p) {
+EO_HD float ld_cg(const float* p) {
 #ifdef __CUDA_ARCH__
   return __ldcg(p);
 #else
@@ -148,7 +140,7 @@ RS_HD float ld_cg(const float* p) {
 #endif
 }
 
-RS_HD void red_add_f32(float* p, float v) {
+EO_HD void red_add_f32(float* p, float v) {
 #ifdef __CUDA_ARCH__
   atomicAdd(p, v);  // result unused: compiles to RED.ADD.F32
 #else
@@ -156,13 +148,13 @@ RS_HD void red_add_f32(float* p, float v) {
 #endif
 }
 
-RS_HD void fence_gpu() {
+EO_HD void fence_gpu() {
 #ifdef __CUDA_ARCH__
   __threadfence();
 #endif
 }
 
-RS_HD unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
+EO_HD unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
 #ifdef __CUDA_ARCH__
   unsigned old;
   asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
@@ -174,7 +166,7 @@ RS_HD unsigned atom_add_acq_rel(unsigned* p, unsigned v) {
 #endif
 }
 
-RS_HD void red_add_release(unsigned* p, unsigned v) {
+EO_HD void red_add_release(unsigned* p, unsigned v) {
 #ifdef __CUDA_ARCH__
   asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 #else
@@ -184,7 +176,7 @@ RS_HD void red_add_release(unsigned* p, unsigned v) {
 
 // Returns once *counter >= target (acquire). The emulation runs blocks in dispatch order, so there the
 // counter must already be complete.
-RS_HD void wait_at_least(const unsigned* counter, unsigned target) {
+EO_HD void wait_at_least(const unsigned* counter, unsigned target) {
 #ifdef __CUDA_ARCH__
   for (;;) {
     unsigned seen;
@@ -200,7 +192,7 @@ RS_HD void wait_at_least(const unsigned* counter, unsigned target) {
 #endif
 }
 
-RS_HD void prefetch_l2(const void* p) {
+EO_HD void prefetch_l2(const void* p) {
 #ifdef __CUDA_ARCH__
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 #else
@@ -208,7 +200,7 @@ RS_HD void prefetch_l2(const void* p) {
 #endif
 }
 
-RS_HD int popc(uint32_t v) {
+EO_HD int popc(uint32_t v) {
 #ifdef __CUDA_ARCH__
   return __popc(v);
 #else
@@ -216,34 +208,18 @@ RS_HD int popc(uint32_t v) {
 #endif
 }
 
-RS_HD float as_float(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-#endif
-}
-
-RS_HD uint32_t word_of(const uint4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
-
 // Element type T, as raw 16-bit patterns.
 template <bool kBF16>
 struct Elem;
 
 template <>
 struct Elem<false> {  // float16
-  RS_HD static float to_float(uint16_t u) {
-    __half_raw raw;
-    raw.x = u;
-    return __half2float(__half(raw));
-  }
-  RS_HD static void to_float2(uint32_t u, float& lo, float& hi) {
+  EO_HD static float to_float(uint16_t u) { return half_bits_to_float(u); }
+  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {
     lo = to_float(uint16_t(u));
     hi = to_float(uint16_t(u >> 16));
   }
-  RS_HD static uint16_t from_float(float f) {
+  EO_HD static uint16_t from_float(float f) {
     const __half_raw raw = __float2half_rn(f);
     return raw.x;
   }
@@ -251,12 +227,12 @@ struct Elem<false> {  // float16
 
 template <>
 struct Elem<true> {  // bfloat16: widening is a shift
-  RS_HD static float to_float(uint16_t u) { return as_float(uint32_t(u) << 16); }
-  RS_HD static void to_float2(uint32_t u, float& lo, float& hi) {
+  EO_HD static float to_float(uint16_t u) { return bf16_bits_to_float(u); }
+  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {
     lo = as_float(u << 16);
     hi = as_float(u & 0xFFFF0000u);
   }
-  RS_HD static uint16_t from_float(float f) {
+  EO_HD static uint16_t from_float(float f) {
     const __nv_bfloat16_raw raw = __float2bfloat16_rn(f);
     return raw.x;
   }
@@ -358,7 +334,7 @@ struct HostExec {
 // for some row), in channel order, into s.list with their masked x values in s.xs. Returns the list
 // length (block-uniform). k1 - k0 <= kChunkMax.
 template <int MT, bool kBF16, class Exec, class States>
-RS_HD int gather_channels(const Params& p, Smem<MT>& s, const Exec& ex, States& st, bool low_rank, int k0, int k1) {
+EO_HD int gather_channels(const Params& p, Smem<MT>& s, const Exec& ex, States& st, bool low_rank, int k0, int k1) {
   using E = Elem<kBF16>;
   const int n = k1 - k0;
   ex.each([&](int t) {
@@ -375,7 +351,7 @@ RS_HD int gather_channels(const Params& p, Smem<MT>& s, const Exec& ex, States& 
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
           if (m < p.M) {
-            const float xv = E::to_float(ld_u16(p.x + m * p.x_row_stride + i));
+            const float xv = E::to_float(load_u16(p.x + m * p.x_row_stride + i));
             const bool active = fabsf(xv) * norm > p.threshold;  // float32 product, then compare
             if (active != low_rank) {
               my.val[h][m] = xv;
@@ -417,7 +393,7 @@ RS_HD int gather_channels(const Params& p, Smem<MT>& s, const Exec& ex, States& 
 }
 
 template <int MT>
-RS_HD void load_xs(const float (&row)[MT], float (&xv)[MT]) {
+EO_HD void load_xs(const float (&row)[MT], float (&xv)[MT]) {
 #ifdef __CUDA_ARCH__
   if constexpr (MT % 4 == 0) {
 #pragma unroll
@@ -437,11 +413,11 @@ RS_HD void load_xs(const float (&row)[MT], float (&xv)[MT]) {
 }
 
 // Up to 8 elements p[0 .. avail) of a row (scalar path), zero beyond, packed like a 16-byte load.
-RS_HD uint4 ld_row_guarded(const uint16_t* p, int avail) {
+EO_HD uint4 ld_row_guarded(const uint16_t* p, int avail) {
   uint32_t w[4] = {0u, 0u, 0u, 0u};
 #pragma unroll
   for (int e = 0; e < kVec; ++e)
-    if (e < avail) w[e / 2] |= uint32_t(ld_u16(p + e)) << (16 * (e % 2));
+    if (e < avail) w[e / 2] |= uint32_t(load_u16(p + e)) << (16 * (e % 2));
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
@@ -450,7 +426,7 @@ RS_HD uint4 ld_row_guarded(const uint16_t* p, int avail) {
 // kVecPath: 16-byte loads (the caller guarantees dim % 8 == 0 and a 16-byte aligned base, so a thread's
 // columns are all in bounds or all out).
 template <int MT, bool kBF16, bool kVecPath>
-RS_HD void stream_rows(const Smem<MT>& s, const uint16_t* mat, int64_t ld, int dim, int col, int row0, int count,
+EO_HD void stream_rows(const Smem<MT>& s, const uint16_t* mat, int64_t ld, int dim, int col, int row0, int count,
                        int g, int G, float (&acc)[MT][kVec]) {
   using E = Elem<kBF16>;
   constexpr int U = kUnroll<MT>;
@@ -493,7 +469,7 @@ RS_HD void stream_rows(const Smem<MT>& s, const uint16_t* mat, int64_t ld, int d
 
 // Streams the block's rows into every thread's acc (zeroed first).
 template <int MT, bool kBF16, class Exec, class States>
-RS_HD void stream_phase(const Smem<MT>& s, const Exec& ex, States& st, bool vec, const uint16_t* mat, int64_t ld,
+EO_HD void stream_phase(const Smem<MT>& s, const Exec& ex, States& st, bool vec, const uint16_t* mat, int64_t ld,
                         int dim, int lanes, int c0, int row0, int count) {
   ex.each([&](int t) {
     ThreadState<MT>& my = st[t];
@@ -512,7 +488,7 @@ RS_HD void stream_phase(const Smem<MT>& s, const Exec& ex, States& st, bool vec,
 // Sums the groups' acc per column in shared memory and adds row m's result into dst[m * dim + c0 + ...]
 // with one float atomic per column.
 template <int MT, class Exec, class States>
-RS_HD void reduce_to_global(const Params& p, Smem<MT>& s, const Exec& ex, States& st, int lanes, int c0, int dim,
+EO_HD void reduce_to_global(const Params& p, Smem<MT>& s, const Exec& ex, States& st, int lanes, int c0, int dim,
                             float* dst) {
   const int width = lanes * kVec, groups = kThreads / lanes;
 #pragma unroll
@@ -543,7 +519,7 @@ RS_HD void reduce_to_global(const Params& p, Smem<MT>& s, const Exec& ex, States
 
 // A and C blocks: arrive at the N tile; the last of its a_splits + c_splits blocks writes out[:, tile].
 template <int MT, bool kBF16, class Exec>
-RS_HD void arrive_and_finish_tile(const Params& p, Smem<MT>& s, const Exec& ex, int tile) {
+EO_HD void arrive_and_finish_tile(const Params& p, Smem<MT>& s, const Exec& ex, int tile) {
   using E = Elem<kBF16>;
   ex.each([&](int) { fence_gpu(); });  // this thread's atomics on y, before the arrival
   ex.sync();
@@ -560,7 +536,7 @@ RS_HD void arrive_and_finish_tile(const Params& p, Smem<MT>& s, const Exec& ex, 
     fence_gpu();
     const int n = c0 + t;
     if (t < width && n < p.N) {
-      const float b = p.bias != nullptr ? E::to_float(ld_u16(p.bias + n)) : 0.f;
+      const float b = p.bias != nullptr ? E::to_float(load_u16(p.bias + n)) : 0.f;
       for (int m = 0; m < p.M; ++m)
         p.out[m * p.out_row_stride + n] = E::from_float(ld_cg(p.y + int64_t(m) * p.N + n) + b);
     }
@@ -570,7 +546,7 @@ RS_HD void arrive_and_finish_tile(const Params& p, Smem<MT>& s, const Exec& ex, 
 // ---- the block program ---------------------------------------------------------------------------
 
 template <int MT, bool kBF16, class Exec>
-RS_HD void run_block(const Params& p, int block, Smem<MT>& s, const Exec& ex) {
+EO_HD void run_block(const Params& p, int block, Smem<MT>& s, const Exec& ex) {
   typename Exec::template PerThread<ThreadState<MT>> st;
   if (block < p.blocks_b) {
     // Role B: z[:, rank tile] += x[:, chunk] * (1 - mask) @ v[chunk, rank tile].

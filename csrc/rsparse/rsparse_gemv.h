@@ -6,7 +6,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "../lowbit/lowbit_gemv.h"  // DType (float16 / bfloat16), shared by the kernel families
+#include "../common/dtype.h"
 
 namespace efficient_ops {
 
