@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import subprocess
 
 import torch
 
@@ -63,3 +64,24 @@ def tiny_llama():
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_emulation(tmp_path_factory, family: str):
+    """Compile the CPU emulation of ``csrc/<family>/<family>_gemv.cu`` (its harness is
+    ``tests/csrc/<family>_gemv_emulation.cu``) under AddressSanitizer and UBSan; skip without nvcc."""
+    if nvcc_path() is None:
+        pytest.skip("nvcc not found")
+    exe = tmp_path_factory.mktemp(f"{family}_emulation") / "emulation"
+    source = os.path.join(REPO, "csrc", family, f"{family}_gemv.cu")
+    build = subprocess.run(
+        # -O0: with the sanitizers, -O1 takes over a minute to build every kernel variant for the host;
+        # -O0 builds in ~10-15 s.
+        [nvcc_path(), "-std=c++17", "-O0", "-g", "-arch=sm_80", "-Xcompiler=-fsanitize=address,-fsanitize=undefined",
+         f'-DEO_SRC="{source}"', "-I" + os.path.dirname(source), "-I" + os.path.join(REPO, "csrc"),
+         os.path.join(REPO, "tests", "csrc", f"{family}_gemv_emulation.cu"), "-o", str(exe)],
+        capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr
+    return exe

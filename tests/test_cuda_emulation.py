@@ -10,27 +10,13 @@ import torch
 from efficient_ops import backends
 from efficient_ops.quant import lowbit
 
-from conftest import nvcc_path
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import build_emulation
 
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
     """The emulation binary (built once per module)."""
-    if nvcc_path() is None:
-        pytest.skip("nvcc not found")
-    exe = tmp_path_factory.mktemp("emulation") / "emulation"
-    source = os.path.join(REPO, "csrc", "lowbit", "lowbit_gemv.cu")
-    build = subprocess.run(
-        # -O0: with the sanitizers, -O1 takes over a minute to build every kernel variant for the host;
-        # -O0 builds in ~15 s and runs in ~8 s.
-        [nvcc_path(), "-std=c++17", "-O0", "-g", "-arch=sm_80", "-Xcompiler=-fsanitize=address,-fsanitize=undefined",
-         f'-DEO_SRC="{source}"', "-I" + os.path.dirname(source),
-         os.path.join(REPO, "tests", "csrc", "lowbit_gemv_emulation.cu"), "-o", str(exe)],
-        capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr
-    return exe
+    return build_emulation(tmp_path_factory, "lowbit")
 
 
 def test_gemv_lane_code_emulated_under_asan(emulation):

@@ -10,26 +10,13 @@ import torch
 
 from efficient_ops import backends
 
-from conftest import nvcc_path
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import build_emulation
 
 
 @pytest.fixture(scope="module")
 def emulation(tmp_path_factory):
     """The emulation binary (built once per module)."""
-    if nvcc_path() is None:
-        pytest.skip("nvcc not found")
-    exe = tmp_path_factory.mktemp("rsparse_emulation") / "emulation"
-    source = os.path.join(REPO, "csrc", "rsparse", "rsparse_gemv.cu")
-    build = subprocess.run(
-        # -O0 like the low-bit emulation: with the sanitizers it builds in ~10 s and runs in ~10 s.
-        [nvcc_path(), "-std=c++17", "-O0", "-g", "-arch=sm_80", "-Xcompiler=-fsanitize=address,-fsanitize=undefined",
-         f'-DEO_SRC="{source}"', "-I" + os.path.join(REPO, "csrc"),
-         os.path.join(REPO, "tests", "csrc", "rsparse_gemv_emulation.cu"), "-o", str(exe)],
-        capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stderr
-    return exe
+    return build_emulation(tmp_path_factory, "rsparse")
 
 
 def test_rsparse_block_program_emulated_under_asan(emulation):
