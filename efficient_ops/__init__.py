@@ -6,8 +6,12 @@ extension or Triton (see ``efficient-ops info`` for what is available here).
 
 __version__ = "0.1.0"
 
-from . import backends, nn, ops, quant, rsparse  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
+from . import backends, nn, ops, quant, rsparse, speculative  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
 from .ops.lowbit import lowbit_linear
 from .ops.rsparse import rsparse_linear
+from .speculative import (compact_kv, merge_attention_states, tree_attention, verify_greedy, verify_sampling,
+                          verify_typical)
 
-__all__ = ["lowbit_linear", "rsparse_linear", "backends", "nn", "ops", "quant", "rsparse", "__version__"]
+__all__ = ["lowbit_linear", "rsparse_linear", "tree_attention", "merge_attention_states", "verify_greedy",
+           "verify_sampling", "verify_typical", "compact_kv", "backends", "nn", "ops", "quant", "rsparse",
+           "speculative", "__version__"]

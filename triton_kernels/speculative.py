@@ -1,0 +1,198 @@
+"""Tree attention and KV compaction for speculative-decoding verification (see
+:mod:`efficient_ops.ops.speculative` for the semantics).
+
+Tree attention runs flash-decoding style in two launches:
+
+1. ``_tree_attention_split``: grid (query-row tile, batch x KV head, split). The ``G * T`` query rows of one
+   KV head (its G query heads times the T tree nodes) share every key, so each program takes a tile of
+   them against one chunk of the prefix (splits ``0 .. n_splits - 1``) or, for the last split, against the
+   T tree keys, masked to each node's ancestors and itself. The ancestor mask is built in registers by
+   walking ``parents`` up from each row's node; no T x (prefix + T) mask exists anywhere. The row tiles of
+   one (batch, KV head, split) are adjacent in launch order, so they read the chunk's K/V from DRAM once
+   and from L2 after. Each program writes its rows' float32 partial output and log-sum-exp.
+2. ``_merge_splits``: per query row, the log-sum-exp-weighted sum of the ``n_splits + 1`` partials.
+
+Empty chunks (past a short prefix) write lse = -inf and o = 0, so the workspace needs no memset and the
+whole call has fixed shapes (CUDA-graph capturable). The prefix length is clamped to [0, S_max - T]
+in-kernel so that no input reads out of bounds (the op rejects such lengths outside graph capture).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+MIN_CHUNK = 256  # prefix positions per split at least: fewer would spend more on the merge than they save
+
+
+@triton.jit
+def _tree_attention_split(q_ptr, k_ptr, v_ptr, prefix_ptr, parents_ptr, o_part, lse_part,
+                          sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, parents_stride,
+                          T, G, n_kv_heads, S_max, chunk, n_splits, qk_scale,
+                          D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // n_kv_heads
+    kvh = bh % n_kv_heads
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = g * T + node: query head kvh * G + g
+    row_ok = rows < G * T
+    node = rows % T
+    head = kvh * G + rows // T
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + head[:, None].to(tl.int64) * sqh + node[:, None] * sqt
+                + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * skb + kvh.to(tl.int64) * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + kvh.to(tl.int64) * svh
+    prefix = tl.minimum(tl.maximum(tl.load(prefix_ptr + b), 0), S_max - T).to(tl.int32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores, in log2 units
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if split < n_splits:
+        start = split * chunk
+        end = tl.minimum(start + chunk, prefix)
+        for n in range(start, end, BLOCK_N):
+            offs_n = n + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < end
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen only masked keys keeps m = -inf: subtract 0 instead to avoid inf - inf
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+    else:
+        # Tree keys: node j at position prefix + j is visible to row node i when j is i or an ancestor.
+        offs_t = tl.arange(0, BLOCK_T)
+        t_ok = offs_t < T
+        visible = offs_t[None, :] == node[:, None]
+        ancestor = tl.where(row_ok, node, -1)
+        while tl.max(ancestor, 0) > 0:
+            up = tl.load(parents_ptr + b.to(tl.int64) * parents_stride + tl.maximum(ancestor, 0),
+                         mask=ancestor > 0, other=-1)
+            ancestor = tl.where((up >= 0) & (up < ancestor), up, -1)  # strictly decreasing: always ends
+            visible = visible | (offs_t[None, :] == ancestor[:, None])
+        visible = visible & t_ok[None, :] & row_ok[:, None]
+        pos = prefix + offs_t
+        k = tl.load(k_base + pos[:, None].to(tl.int64) * sks + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_base + pos[:, None].to(tl.int64) * svs + offs_d[None, :], mask=t_ok[:, None], other=0.0)
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_i = tl.max(s, 1)
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v)
+
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    # partials are [B, Hq, T, n_splits + 1, (D)], contiguous
+    part_row = ((b * n_kv_heads * G + head).to(tl.int64) * T + node) * (n_splits + 1) + split
+    tl.store(o_part + part_row[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])
+    tl.store(lse_part + part_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits(o_part, lse_part, out_ptr, sob, soh, sot, n_heads, T, n_parts,
+                  D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)  # (b * Hq + h) * T + node
+    node = row % T
+    head = (row // T) % n_heads
+    b = row // (T * n_heads)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < n_parts
+    offs_d = tl.arange(0, D)
+    lse = tl.load(lse_part + row.to(tl.int64) * n_parts + offs_s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - m), 0.0)
+    o = tl.load(o_part + (row.to(tl.int64) * n_parts + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None],
+                other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + b.to(tl.int64) * sob + head.to(tl.int64) * soh + node.to(tl.int64) * sot + offs_d,
+             out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits(batch: int, n_kv_heads: int, row_tiles: int, prefix_cap: int, sm_count: int) -> int:
+    """Splits of the prefix for about two waves of programs, each split at least MIN_CHUNK positions."""
+    want = -(-2 * sm_count // max(1, batch * n_kv_heads * row_tiles))
+    return max(1, min(want, -(-prefix_cap // MIN_CHUNK)))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so the CPU tests cover the merge
+
+
+def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=None):
+    """q [B, Hq, T, D], caches [B, Hkv, S_max, D] (last dims contiguous), prefix_lens int64 [B], parents int64
+    [B | 1, T] contiguous. Returns [B, Hq, T, D] in q's dtype."""
+    b, hq, t, d = q.shape
+    hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    g = hq // hkv
+    block_m = 64 if g * t > 32 else max(16, triton.next_power_of_2(g * t))
+    block_n = 64
+    row_tiles = triton.cdiv(g * t, block_m)
+    prefix_cap = s_max - t
+    if n_splits is None:
+        n_splits = num_splits(b, hkv, row_tiles, prefix_cap, _sm_count(q.device))
+    chunk = max(block_n, triton.cdiv(triton.cdiv(max(prefix_cap, 1), n_splits), block_n) * block_n)
+    o_part = torch.empty((b, hq, t, n_splits + 1, d), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((b, hq, t, n_splits + 1), dtype=torch.float32, device=q.device)
+    _tree_attention_split[(row_tiles, b * hkv, n_splits + 1)](
+        q, k_cache, v_cache, prefix_lens, parents, o_part, lse_part,
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), parents.stride(0) if parents.shape[0] > 1 else 0,
+        t, g, hkv, s_max, chunk, n_splits, scale * LOG2E,
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(t)),
+        num_warps=4, num_stages=2)
+    out = torch.empty_like(q)
+    _merge_splits[(b * hq * t,)](o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), hq, t,
+                                 n_splits + 1, D=d, BLOCK_S=max(2, triton.next_power_of_2(n_splits + 1)))
+    return out
+
+
+@triton.jit
+def _compact_kv(k_ptr, v_ptr, prefix_ptr, accepted_ptr, accept_len_ptr, n_batch, n_kv_heads, S_max, P,
+                skl, skb, skh, sks, svl, svb, svh, svs, acc_stride,
+                D: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)  # (layer, batch row, KV head)
+    h = pid % n_kv_heads
+    b = (pid // n_kv_heads) % n_batch
+    layer = pid // (n_kv_heads * n_batch)
+    k_base = k_ptr + layer.to(tl.int64) * skl + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = v_ptr + layer.to(tl.int64) * svl + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    prefix = tl.load(prefix_ptr + b)
+    n_moves = tl.minimum(tl.maximum(tl.load(accept_len_ptr + b), 0), P - 1)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    # Moves in increasing j, each element by the same thread (one layout for load and store): move j reads
+    # slot prefix + accepted[j] >= prefix + j, and earlier moves wrote only slots < prefix + j, so no move
+    # reads a slot that was already overwritten, however the paths overlap.
+    for j in range(1, n_moves + 1):
+        # as vectors: the interpreter cannot AND a scalar condition into a vector mask
+        dst = prefix + j + tl.zeros([BLOCK_D], tl.int64)
+        src = dst - j + tl.load(accepted_ptr + b.to(tl.int64) * acc_stride + j)
+        ok = d_ok & (src >= dst) & (src < S_max) & (dst >= 0) & (dst < S_max)
+        tl.store(k_base + dst * sks + offs_d, tl.load(k_base + src * sks + offs_d, mask=ok), mask=ok)
+        tl.store(v_base + dst * svs + offs_d, tl.load(v_base + src * svs + offs_d, mask=ok), mask=ok)
+
+
+def compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len):
+    """Caches [L, B, Hkv, S_max, D] (last dim contiguous), int64 prefix_lens [B], accepted_nodes [B, P]
+    (rows contiguous), accept_len [B]. Moves in place, one launch for all layers."""
+    n_layers, b, hkv, s_max, d = k_cache.shape
+    _compact_kv[(n_layers * b * hkv,)](
+        k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, b, hkv, s_max, accepted_nodes.shape[1],
+        *k_cache.stride()[:4], *v_cache.stride()[:4], accepted_nodes.stride(0),
+        D=d, BLOCK_D=triton.next_power_of_2(d), num_warps=1 if d <= 128 else 2)
