@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LN2 = tl.constexpr(0.6931471805599453)
 MIN_CHUNK = 256  # prefix positions per split at least: fewer would spend more on the merge than they save
 
 
@@ -78,7 +78,7 @@ def _tree_attention_split(q_ptr, k_ptr, v_ptr, prefix_ptr, parents_ptr, o_part, 
         ancestor = tl.where(row_ok, node, -1)
         while tl.max(ancestor, 0) > 0:
             up = tl.load(parents_ptr + b.to(tl.int64) * parents_stride + tl.maximum(ancestor, 0),
-                         mask=ancestor > 0, other=-1)
+                         mask=ancestor > 0, other=-1).to(tl.int32)
             ancestor = tl.where((up >= 0) & (up < ancestor), up, -1)  # strictly decreasing: always ends
             visible = visible | (offs_t[None, :] == ancestor[:, None])
         visible = visible & t_ok[None, :] & row_ok[:, None]
@@ -122,6 +122,12 @@ def _merge_splits(o_part, lse_part, out_ptr, sob, soh, sot, n_heads, T, n_parts,
              out.to(out_ptr.dtype.element_ty))
 
 
+def blocks(group: int, t: int):
+    """(BLOCK_M query rows, BLOCK_N prefix keys, BLOCK_T tree keys) per program for G = ``group``, T = ``t``."""
+    rows = group * t
+    return (64 if rows > 32 else max(16, triton.next_power_of_2(rows))), 64, max(16, triton.next_power_of_2(t))
+
+
 def num_splits(batch: int, n_kv_heads: int, row_tiles: int, prefix_cap: int, sm_count: int) -> int:
     """Splits of the prefix for about two waves of programs, each split at least MIN_CHUNK positions."""
     want = -(-2 * sm_count // max(1, batch * n_kv_heads * row_tiles))
@@ -140,8 +146,7 @@ def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=No
     b, hq, t, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     g = hq // hkv
-    block_m = 64 if g * t > 32 else max(16, triton.next_power_of_2(g * t))
-    block_n = 64
+    block_m, block_n, block_t = blocks(g, t)
     row_tiles = triton.cdiv(g * t, block_m)
     prefix_cap = s_max - t
     if n_splits is None:
@@ -154,7 +159,7 @@ def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=No
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), parents.stride(0) if parents.shape[0] > 1 else 0,
         t, g, hkv, s_max, chunk, n_splits, scale * LOG2E,
-        D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=max(16, triton.next_power_of_2(t)),
+        D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
         num_warps=4, num_stages=2)
     out = torch.empty_like(q)
     _merge_splits[(b * hq * t,)](o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), hq, t,
