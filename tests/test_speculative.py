@@ -478,7 +478,8 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from efficient_ops.triton_kernels.speculative import _compact_kv, _merge_splits, _tree_attention_split, blocks
+from efficient_ops.triton_kernels.merge import _merge_splits
+from efficient_ops.triton_kernels.speculative import _compact_kv, _tree_attention_split, blocks
 
 def compile(fn, signature, const):
     signature = {**signature, **dict.fromkeys(const, "constexpr")}

@@ -10,7 +10,7 @@ Tree attention runs flash-decoding style in two launches:
    walking ``parents`` up from each row's node; no T x (prefix + T) mask exists anywhere. The row tiles of
    one (batch, KV head, split) are adjacent in launch order, so they read the chunk's K/V from DRAM once
    and from L2 after. Each program writes its rows' float32 partial output and log-sum-exp.
-2. ``_merge_splits``: per query row, the log-sum-exp-weighted sum of the ``n_splits + 1`` partials.
+2. :func:`merge.merge_partials`: per query row, the log-sum-exp-weighted sum of the ``n_splits + 1`` partials.
 
 Empty chunks (past a short prefix) write lse = -inf and o = 0, so the workspace needs no memset and the
 whole call has fixed shapes (CUDA-graph capturable). The prefix length is clamped to [0, S_max - T]
@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .merge import LN2, merge_partials
+
 LOG2E = 1.4426950408889634
-LN2 = tl.constexpr(0.6931471805599453)
 MIN_CHUNK = 256  # prefix positions per split at least: fewer would spend more on the merge than they save
 
 
@@ -101,27 +102,6 @@ def _tree_attention_split(q_ptr, k_ptr, v_ptr, prefix_ptr, parents_ptr, o_part, 
     tl.store(lse_part + part_row, lse, mask=row_ok)
 
 
-@triton.jit
-def _merge_splits(o_part, lse_part, out_ptr, sob, soh, sot, n_heads, T, n_parts,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr):
-    row = tl.program_id(0)  # (b * Hq + h) * T + node
-    node = row % T
-    head = (row // T) % n_heads
-    b = row // (T * n_heads)
-    offs_s = tl.arange(0, BLOCK_S)
-    s_ok = offs_s < n_parts
-    offs_d = tl.arange(0, D)
-    lse = tl.load(lse_part + row.to(tl.int64) * n_parts + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.where(s_ok & (lse > float("-inf")), tl.exp(lse - m), 0.0)
-    o = tl.load(o_part + (row.to(tl.int64) * n_parts + offs_s[:, None]) * D + offs_d[None, :], mask=s_ok[:, None],
-                other=0.0)
-    total = tl.sum(w, 0)
-    out = tl.sum(o * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + b.to(tl.int64) * sob + head.to(tl.int64) * soh + node.to(tl.int64) * sot + offs_d,
-             out.to(out_ptr.dtype.element_ty))
-
-
 def blocks(group: int, t: int):
     """(BLOCK_M query rows, BLOCK_N prefix keys, BLOCK_T tree keys) per program for G = ``group``, T = ``t``."""
     rows = group * t
@@ -162,8 +142,7 @@ def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=No
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_T=block_t,
         num_warps=4, num_stages=2)
     out = torch.empty_like(q)
-    _merge_splits[(b * hq * t,)](o_part, lse_part, out, out.stride(0), out.stride(1), out.stride(2), hq, t,
-                                 n_splits + 1, D=d, BLOCK_S=max(2, triton.next_power_of_2(n_splits + 1)))
+    merge_partials(o_part, lse_part, out)
     return out
 
 

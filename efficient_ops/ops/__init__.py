@@ -21,6 +21,6 @@ def check_bias(bias, n: int, x: torch.Tensor) -> None:
     if bias.device != x.device:
         raise ValueError(f"bias: on {bias.device}, but x is on {x.device}")
 
-from . import lowbit, rsparse, speculative  # noqa: E402  (each registers its ops on ``lib``)
+from . import lowbit, rsparse, sparse_attention, speculative  # noqa: E402  (each registers its ops on ``lib``)
 
-__all__ = ["lib", "lowbit", "rsparse", "speculative"]
+__all__ = ["lib", "lowbit", "rsparse", "sparse_attention", "speculative"]

@@ -1,0 +1,282 @@
+"""Ops of sparse attention (public API and semantics: :mod:`efficient_ops.sparse_attention`).
+
+- ``block_sparse_attention``: backends ``cuda``, ``triton``, ``reference``; returns (out, lse).
+- ``select_pages``: tensor code on any device (fixed shapes, no host synchronisation).
+- ``paged_sparse_decode``: backends ``cuda``, ``triton`` (flash-decoding over the listed pages), ``reference``.
+
+Value checks that need the device's data (block indices, page indices, lengths) run outside CUDA-graph
+capture; the kernels clamp indices so that no input makes them access memory out of bounds.
+"""
+
+from typing import Optional
+
+import torch
+
+from .. import backends
+from ..reference import sparse_attention as reference
+from ..sparse_attention import BLOCK_SIZES, PAGE_SIZES
+from . import lib
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+CUDA_MAX_GROUP = 16  # query heads per KV head in the CUDA decode kernel
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+lib.define("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
+           "int block_m, int block_n, bool causal, float? scale=None, str? backend=None) -> (Tensor, Tensor)")
+lib.define("select_pages(Tensor q, Tensor kmin, Tensor kmax, Tensor seq_lens, int page_size, int token_budget) "
+           "-> Tensor")
+lib.define("paged_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor page_indices, "
+           "int page_size, float? scale=None, str? backend=None) -> Tensor")
+
+
+def _impl(name, fn):
+    lib.impl(name, fn, "CPU")
+    lib.impl(name, fn, "CUDA")
+
+
+def _checking_values(t: torch.Tensor) -> bool:
+    """Whether data-dependent checks may run: they synchronise, which CUDA-graph capture forbids."""
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _check_attention_inputs(q, k, v, q_dims, names=("q", "k", "v")):
+    for name, t, dims in zip(names, (q, k, v), (q_dims, 4, 4)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.dim() != dims:
+            raise ValueError(f"{name}: expected {dims} dimensions, got shape {list(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"{names[2]}: shape {list(v.shape)} differs from {names[1]}'s {list(k.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[-1]:
+        raise ValueError(f"{names[1]}: expected [B={q.shape[0]}, Hkv, S, D={q.shape[-1]}], got {list(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"{names[0]}: {q.shape[1]} query heads is not a multiple of the {k.shape[1]} KV heads")
+    for name, t in zip(names[1:], (k, v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from {names[0]}'s {q.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but {names[0]} is on {q.device}")
+
+
+def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
+    if backend == "reference":
+        return None
+    if q.dtype not in KERNEL_DTYPES:
+        return f"the {backend} backend of {op} needs float16/bfloat16 (got {q.dtype})"
+    if q.shape[-1] not in KERNEL_HEAD_DIMS:
+        return f"the {backend} backend of {op} needs head_dim in {KERNEL_HEAD_DIMS} (got {q.shape[-1]})"
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            return f"the {backend} backend of {op} needs {name}'s last dimension contiguous"
+    return None
+
+
+def _stream(t):
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+# ---------------------------------------------------------------------------------------------------- prefill
+
+def _check_block_mask(q, k, kv_num_blocks, kv_indices, block_m, block_n):
+    b, hq, sq, _ = q.shape
+    skv = k.shape[2]
+    if block_m not in BLOCK_SIZES or block_n not in BLOCK_SIZES:
+        raise ValueError(f"block_m, block_n: must be in {BLOCK_SIZES}, got {block_m}, {block_n}")
+    mq, nk = -(-sq // block_m), -(-skv // block_n)
+    for name, t, dims in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
+            raise ValueError(f"{name}: expected an int32 tensor with {dims} dimensions")
+        if t.device != q.device:
+            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
+    bm, hm = kv_num_blocks.shape[:2]
+    if bm not in (1, b) or hm not in (1, hq) or kv_num_blocks.shape[2] != mq:
+        raise ValueError(f"kv_num_blocks: expected [1|{b}, 1|{hq}, Mq={mq}] for Sq={sq}, block_m={block_m}, got "
+                         f"{list(kv_num_blocks.shape)}")
+    if kv_indices.shape != (bm, hm, mq, nk):
+        raise ValueError(f"kv_indices: expected [{bm}, {hm}, {mq}, Nk={nk}] for Skv={skv}, block_n={block_n}, got "
+                         f"{list(kv_indices.shape)}")
+    if not _checking_values(kv_indices) or kv_indices.numel() == 0:
+        return
+    if ((kv_num_blocks < 0) | (kv_num_blocks > nk)).any():
+        raise ValueError(f"kv_num_blocks: every entry must be in [0, Nk = {nk}]")
+    listed = torch.arange(nk, device=q.device) < kv_num_blocks[..., None]
+    if (listed & ((kv_indices < 0) | (kv_indices >= nk))).any():
+        raise ValueError(f"kv_indices: listed block indices must be in [0, Nk = {nk})")
+    ordered = torch.where(listed, kv_indices, nk + torch.arange(nk, device=q.device, dtype=torch.int32)).sort(-1).values
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise ValueError("kv_indices: a query block lists the same KV block twice")
+
+
+def _run_block_sparse_cuda(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):
+    ext = backends.extension()
+    b, hq, sq, d = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
+
+    def strides(t, dims):  # broadcast (size-1) mask dimensions read row 0
+        return [0 if t.shape[i] == 1 else t.stride(i) for i in dims]
+
+    ext.block_sparse_attention(
+        q_ptr=q.data_ptr(), k_ptr=k.data_ptr(), v_ptr=v.data_ptr(), out_ptr=out.data_ptr(), lse_ptr=lse.data_ptr(),
+        kv_num_blocks_ptr=kv_num_blocks.data_ptr(), kv_indices_ptr=kv_indices.data_ptr(), B=b, Hq=hq, Hkv=k.shape[1],
+        Sq=sq, Skv=k.shape[2], D=d, block_m=block_m, block_n=block_n, Mq=kv_indices.shape[2], Nk=kv_indices.shape[3],
+        num_blocks_strides=strides(kv_num_blocks, (0, 1)),
+        indices_strides=strides(kv_indices, (0, 1)) + [kv_indices.stride(2)], causal=causal,
+        q_strides=list(q.stride()[:3]), k_strides=list(k.stride()[:3]), v_strides=list(v.stride()[:3]),
+        out_strides=list(out.stride()[:3]), scale=scale, dtype=_DTYPE_NAMES[q.dtype], stream=_stream(q))
+    return out, lse
+
+
+def _run_block_sparse_triton(*args):
+    from ..triton_kernels import sparse_attention as kernels  # imported on first use: Triton is optional
+    return kernels.block_sparse_attention(*args)
+
+
+_PREFILL_RUNNERS = {"cuda": _run_block_sparse_cuda, "triton": _run_block_sparse_triton}
+
+
+def _block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None, backend=None):
+    _check_attention_inputs(q, k, v, 4)
+    _check_block_mask(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    name = backends.select("block_sparse_attention", q.device, backend,
+                           lambda bk: _kernel_unsupported("block_sparse_attention", bk, q, {"q": q, "k": k, "v": v}))
+    if name == "reference" or q.numel() == 0 or k.shape[2] == 0:
+        return reference.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale)
+    if kv_indices.stride(-1) != 1:
+        kv_indices = kv_indices.contiguous()
+    with backends.device_guard(q.device):
+        return _PREFILL_RUNNERS[name](q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale)
+
+
+_impl("block_sparse_attention", _block_sparse_attention)
+
+
+@torch.library.register_fake("efficient_ops::block_sparse_attention")
+def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None,
+                                 backend=None):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+def _check_decode(q, k_cache, v_cache, seq_lens, page_size):
+    _check_attention_inputs(q, k_cache, v_cache, 3, ("q", "k_cache", "v_cache"))
+    if page_size not in PAGE_SIZES:
+        raise ValueError(f"page_size: must be one of {PAGE_SIZES}, got {page_size}")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype.is_floating_point or seq_lens.shape != (q.shape[0],):
+        raise ValueError(f"seq_lens: expected an integer tensor of shape [{q.shape[0]}]")
+    if seq_lens.device != q.device:
+        raise ValueError(f"seq_lens: on {seq_lens.device}, but q is on {q.device}")
+    if _checking_values(seq_lens) and ((seq_lens < 0) | (seq_lens > k_cache.shape[2])).any():
+        raise ValueError(f"seq_lens: every entry must be in [0, S_max = {k_cache.shape[2]}]")
+
+
+def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"q: expected [B, Hq, D], got {list(getattr(q, 'shape', []))}")
+    b, hq, d = q.shape
+    if kmin.dim() != 4 or kmin.shape != kmax.shape or kmin.shape[0] != b or kmin.shape[3] != d:
+        raise ValueError(f"kmin, kmax: expected equal shapes [B={b}, Hkv, n_pages, D={d}], got {list(kmin.shape)} "
+                         f"and {list(kmax.shape)}")
+    hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"q: {hq} query heads is not a multiple of the summary's {hkv} KV heads")
+    if page_size not in PAGE_SIZES or token_budget < 1:
+        raise ValueError(f"page_size, token_budget: need page_size in {PAGE_SIZES} and token_budget >= 1, got "
+                         f"{page_size}, {token_budget}")
+    if seq_lens.shape != (b,) or seq_lens.dtype.is_floating_point or seq_lens.device != q.device:
+        raise ValueError(f"seq_lens: expected an integer tensor [{b}] on {q.device}")
+    n_sel = min(max(2, token_budget // page_size), n_pages)
+    qg = q.float().view(b, hkv, hq // hkv, 1, d)
+    scores = torch.maximum(qg * kmax.float()[:, :, None], qg * kmin.float()[:, :, None]).sum((2, 4))
+    n_valid = torch.div(seq_lens.long() + page_size - 1, page_size, rounding_mode="floor")
+    page = torch.arange(n_pages, device=q.device)
+    forced = (page[None, :] == 0) | (page[None, :] == n_valid[:, None] - 1)
+    scores = torch.where(forced[:, None], float("inf"), scores)
+    scores = torch.where((page[None, :] < n_valid[:, None])[:, None], scores, float("-inf"))
+    best = scores.topk(n_sel, -1)
+    chosen = torch.where(best.values == float("-inf"), n_pages, best.indices).sort(-1).values
+    return torch.where(chosen == n_pages, -1, chosen).to(torch.int32)
+
+
+_impl("select_pages", _select_pages)
+
+
+@torch.library.register_fake("efficient_ops::select_pages")
+def _select_pages_fake(q, kmin, kmax, seq_lens, page_size, token_budget):
+    n_sel = min(max(2, token_budget // page_size), kmin.shape[2])
+    return q.new_empty((q.shape[0], kmin.shape[1], n_sel), dtype=torch.int32)
+
+
+def _check_pages(page_indices, q, k_cache, page_size):
+    b, hkv, s_max = q.shape[0], k_cache.shape[1], k_cache.shape[2]
+    if not isinstance(page_indices, torch.Tensor) or page_indices.dtype != torch.int32 or page_indices.dim() != 3 \
+            or page_indices.shape[:2] != (b, hkv):
+        raise ValueError(f"page_indices: expected int32 [B={b}, Hkv={hkv}, n_sel], got "
+                         f"{getattr(page_indices, 'dtype', None)} {list(getattr(page_indices, 'shape', []))}")
+    if page_indices.device != q.device:
+        raise ValueError(f"page_indices: on {page_indices.device}, but q is on {q.device}")
+    if _checking_values(page_indices) and page_indices.numel():
+        n_pages = -(-s_max // page_size)
+        if ((page_indices < -1) | (page_indices >= n_pages)).any():
+            raise ValueError(f"page_indices: entries must be -1 (unused) or pages in [0, {n_pages})")
+        ordered = page_indices.sort(-1).values
+        if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
+            raise ValueError("page_indices: a KV head lists the same page twice")
+
+
+def _run_decode_cuda(q, k_cache, v_cache, seq_lens, pages, page_size, scale):
+    ext = backends.extension()
+    b, hq, d = q.shape
+    hkv, s_max, n_sel = k_cache.shape[1], k_cache.shape[2], pages.shape[2]
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+    n_splits = ext.paged_sparse_decode_num_splits(B=b, Hkv=hkv, n_sel=n_sel, page_size=page_size, sm_count=sm_count)
+    workspace = torch.empty(ext.paged_sparse_decode_workspace_bytes(B=b, Hq=hq, D=d, num_splits=n_splits),
+                            dtype=torch.uint8, device=q.device)
+    out = torch.empty_like(q)
+    ext.paged_sparse_decode(
+        q_ptr=q.data_ptr(), k_ptr=k_cache.data_ptr(), v_ptr=v_cache.data_ptr(), out_ptr=out.data_ptr(),
+        seq_lens_ptr=seq_lens.data_ptr(), page_indices_ptr=pages.data_ptr(), workspace_ptr=workspace.data_ptr(), B=b,
+        Hq=hq, Hkv=hkv, D=d, S_max=s_max, page_size=page_size, n_sel=n_sel, num_splits=n_splits,
+        q_strides=list(q.stride()[:2]), k_strides=list(k_cache.stride()[:3]), v_strides=list(v_cache.stride()[:3]),
+        out_strides=list(out.stride()[:2]), scale=scale, dtype=_DTYPE_NAMES[q.dtype], stream=_stream(q))
+    return out
+
+
+def _run_decode_triton(*args):
+    from ..triton_kernels import sparse_attention as kernels  # imported on first use: Triton is optional
+    return kernels.paged_sparse_decode(*args)
+
+
+_DECODE_RUNNERS = {"cuda": _run_decode_cuda, "triton": _run_decode_triton}
+
+
+def _decode_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
+    reason = _kernel_unsupported("paged_sparse_decode", backend, q, {"q": q, "k_cache": k_cache, "v_cache": v_cache})
+    if reason is None and backend == "cuda" and q.shape[1] // k_cache.shape[1] > CUDA_MAX_GROUP:
+        reason = f"the cuda backend of paged_sparse_decode takes at most {CUDA_MAX_GROUP} query heads per KV head"
+    return reason
+
+
+def _paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale=None, backend=None):
+    _check_decode(q, k_cache, v_cache, seq_lens, page_size)
+    _check_pages(page_indices, q, k_cache, page_size)
+    pages = page_indices
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    name = backends.select("paged_sparse_decode", q.device, backend,
+                           lambda bk: _decode_unsupported(bk, q, k_cache, v_cache))
+    if name == "reference" or q.numel() == 0 or pages.shape[2] == 0:
+        return reference.paged_sparse_decode(q, k_cache, v_cache, seq_lens, pages, page_size, scale)
+    with backends.device_guard(q.device):
+        return _DECODE_RUNNERS[name](q, k_cache, v_cache, seq_lens.long().contiguous(), pages.contiguous(), page_size,
+                                     scale)
+
+
+_impl("paged_sparse_decode", _paged_sparse_decode)
+
+
+@torch.library.register_fake("efficient_ops::paged_sparse_decode")
+def _paged_sparse_decode_fake(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale=None, backend=None):
+    return torch.empty_like(q)

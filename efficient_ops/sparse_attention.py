@@ -1,0 +1,527 @@
+"""Block-sparse prefill attention, the seed papers' sparsity patterns as mask builders, and page-selecting
+sparse decode.
+
+Prefill: one block-sparse kernel (:func:`block_sparse_attention`) runs every pattern. A
+:class:`BlockSparseMask` lists, for each (batch, head, query block), the KV blocks to attend, in
+FlexAttention's forward layout. The patterns build such masks:
+
+- :func:`streaming`: attention sinks plus a local window (LServe / DuoAttention streaming heads), with
+  dense heads mixed in per head;
+- :func:`vertical_slash`: MInference's estimate from the last queries (top columns and top diagonals);
+- :func:`anchor`: AnchorAttention (key blocks whose pooled-query score is within theta of the anchor);
+- :func:`centroid_select` with :func:`kmeans_keys`: Squeezed Attention for a fixed context;
+- :func:`topk_blocks`: generic top fraction of mean-pooled block scores.
+
+Decode: a :class:`PageSummary` keeps each page's elementwise key min and max (Quest / LServe);
+:func:`select_pages` scores pages by ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` and keeps the best within a
+token budget plus the first and the newest page; :func:`paged_sparse_decode` attends over an explicit page
+list; :func:`sparse_decode_attention` does both.
+
+The KV cache is contiguous: ``[B, Hkv, S_max, D]`` with ``seq_lens`` [B].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+
+BLOCK_SIZES = (16, 32, 64, 128)
+PAGE_SIZES = (16, 64)
+
+
+def _blocks(n: int, size: int) -> int:
+    return -(-n // size)
+
+
+def _check_block_size(value, name):
+    if value not in BLOCK_SIZES:
+        raise ValueError(f"{name}: must be one of {BLOCK_SIZES}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BlockSparseMask:
+    """Which KV blocks each query block attends (FlexAttention's forward layout).
+
+    Attributes:
+        kv_num_blocks: int32 ``[B|1, H|1, Mq]``: how many KV blocks query block m attends.
+        kv_indices: int32 ``[B|1, H|1, Mq, Nk]``: their indices first (the rest is ignored).
+        block_m, block_n: query and KV block sizes, each in 16, 32, 64, 128.
+        q_len, kv_len: sequence lengths; ``Mq = ceil(q_len / block_m)``, ``Nk = ceil(kv_len / block_n)``.
+        causal: also mask key position > query position inside blocks, with queries aligned to the end of the
+            keys (query i sits at position ``i + kv_len - q_len``).
+
+    A batch or head dimension of 1 broadcasts. H counts query heads.
+    """
+
+    kv_num_blocks: torch.Tensor
+    kv_indices: torch.Tensor
+    block_m: int
+    block_n: int
+    q_len: int
+    kv_len: int
+    causal: bool = False
+
+    def __post_init__(self):
+        _check_block_size(self.block_m, "block_m")
+        _check_block_size(self.block_n, "block_n")
+        if self.q_len < 0 or self.kv_len < 0:
+            raise ValueError(f"q_len, kv_len: must be non-negative, got {self.q_len}, {self.kv_len}")
+        mq, nk = _blocks(self.q_len, self.block_m), _blocks(self.kv_len, self.block_n)
+        for name, t, dims in (("kv_num_blocks", self.kv_num_blocks, 3), ("kv_indices", self.kv_indices, 4)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
+                raise ValueError(f"{name}: expected an int32 tensor with {dims} dimensions, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        if self.kv_num_blocks.shape[2] != mq:
+            raise ValueError(f"kv_num_blocks: expected Mq = ceil(q_len / block_m) = {mq} query blocks, got "
+                             f"{list(self.kv_num_blocks.shape)}")
+        if self.kv_indices.shape != (*self.kv_num_blocks.shape, nk):
+            raise ValueError(f"kv_indices: expected shape {[*self.kv_num_blocks.shape, nk]} (Nk = ceil(kv_len / "
+                             f"block_n)), got {list(self.kv_indices.shape)}")
+        if self.kv_indices.device != self.kv_num_blocks.device:
+            raise ValueError("kv_indices: on a different device than kv_num_blocks")
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        """``(B|1, H|1, Mq, Nk)``."""
+        return tuple(self.kv_indices.shape)
+
+    @classmethod
+    def from_dense(cls, blocks: torch.Tensor, block_m: int, block_n: int, q_len: Optional[int] = None,
+                   kv_len: Optional[int] = None, causal: bool = False) -> "BlockSparseMask":
+        """From a bool ``[B|1, H|1, Mq, Nk]`` block map (True = attend). ``q_len`` and ``kv_len`` default to
+        ``Mq * block_m`` and ``Nk * block_n``. Indices are listed in increasing order."""
+        if not isinstance(blocks, torch.Tensor) or blocks.dim() != 4:
+            raise ValueError(f"blocks: expected a [B|1, H|1, Mq, Nk] tensor, got {list(getattr(blocks, 'shape', []))}")
+        blocks = blocks.bool()
+        mq, nk = blocks.shape[2:]
+        q_len = mq * block_m if q_len is None else q_len
+        kv_len = nk * block_n if kv_len is None else kv_len
+        order = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True)  # selected first, in index order
+        return cls(blocks.sum(-1, dtype=torch.int32), order.to(torch.int32), block_m, block_n, q_len, kv_len, causal)
+
+    @classmethod
+    def from_flex(cls, block_mask, causal: bool = False) -> "BlockSparseMask":
+        """From a FlexAttention ``BlockMask``: its partial and full blocks together. Flex's ``mask_mod`` is not
+        carried over (only the block structure is); ``causal`` says whether to mask inside blocks."""
+        dense = block_mask.to_dense().bool()  # partial | full blocks
+        block_m, block_n = block_mask.BLOCK_SIZE
+        q_len, kv_len = block_mask.seq_lengths
+        return cls.from_dense(dense, block_m, block_n, q_len, kv_len, causal)
+
+    def to_dense(self) -> torch.Tensor:
+        """The bool block map ``[B|1, H|1, Mq, Nk]``."""
+        nk = self.kv_indices.shape[-1]
+        listed = torch.arange(nk, device=self.kv_indices.device) < self.kv_num_blocks[..., None]
+        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
+        return dense.scatter_(-1, self.kv_indices.long().clamp(0, max(nk - 1, 0)), listed)
+
+    def to_flex(self):
+        """The equivalent FlexAttention ``BlockMask``: the same blocks, and a ``mask_mod`` that applies the block
+        map (and causality) per element, so flex_attention computes exactly this mask even unfused."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        dense, bm, bn, offset, causal = self.to_dense(), self.block_m, self.block_n, self.kv_len - self.q_len, self.causal
+        per_batch, per_head = dense.shape[0] > 1, dense.shape[1] > 1
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            keep = dense[b if per_batch else 0, h if per_head else 0, q_idx // bm, kv_idx // bn]
+            return keep & (kv_idx <= q_idx + offset) if causal else keep
+
+        return BlockMask.from_kv_blocks(self.kv_num_blocks, self.kv_indices, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod,
+                                        seq_lengths=(self.q_len, self.kv_len))
+
+    def to(self, device) -> "BlockSparseMask":
+        """The mask with its index tensors on ``device``."""
+        return BlockSparseMask(self.kv_num_blocks.to(device), self.kv_indices.to(device), self.block_m, self.block_n,
+                               self.q_len, self.kv_len, self.causal)
+
+    def density(self) -> float:
+        """Selected blocks over all blocks (over the broadcast dims as stored)."""
+        return float(self.kv_num_blocks.sum()) / max(1, self.kv_indices.numel())
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+def _query_positions(q_len, kv_len, block_m, device):
+    """Absolute positions of each query block's first and last row, [Mq] each (queries end-aligned)."""
+    starts = torch.arange(0, q_len, block_m, device=device)
+    offset = kv_len - q_len
+    return starts + offset, torch.clamp_max(starts + block_m, q_len) - 1 + offset
+
+
+def _causal_blocks(q_len, kv_len, block_m, block_n, device):
+    """Bool [Mq, Nk]: key block n holds a key visible to some row of query block m under causality."""
+    _, last = _query_positions(q_len, kv_len, block_m, device)
+    key_start = torch.arange(0, kv_len, block_n, device=device)
+    return key_start[None, :] <= last[:, None]
+
+
+def _gqa_keys(k: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """k [B, Hkv, S, D] repeated to n_heads query heads."""
+    if n_heads % k.shape[1]:
+        raise ValueError(f"q: {n_heads} heads is not a multiple of k's {k.shape[1]} KV heads")
+    return k.repeat_interleave(n_heads // k.shape[1], dim=1)
+
+
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over blocks of ``block`` rows along dim 2 (the last block may be short), float32."""
+    b, h, s, d = x.shape
+    n = _blocks(s, block)
+    padded = torch.zeros(b, h, n * block, d, dtype=torch.float32, device=x.device)
+    padded[:, :, :s] = x.float()
+    counts = torch.clamp_max(s - torch.arange(n, device=x.device) * block, block).float()
+    return padded.view(b, h, n, block, d).sum(3) / counts[:, None]
+
+
+def _check_qk(q, k):
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point [B, H, S, D] tensor, got "
+                             f"{list(getattr(t, 'shape', []))}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"k: shape {list(k.shape)} does not match q {list(q.shape)} in batch or head_dim")
+    if q.device != k.device:
+        raise ValueError(f"k: on {k.device}, but q is on {q.device}")
+
+
+# ---------------------------------------------------------------------------------------------------- patterns
+
+def streaming(q_len: int, kv_len: int, sink: int, window: int, block_m: int = 64, block_n: int = 64,
+              n_heads: int = 1, dense_heads: Sequence[int] = (), device=None) -> BlockSparseMask:
+    """Attention sinks plus a local window, causal (LServe / DuoAttention streaming heads).
+
+    Query block m attends the KV blocks holding the first ``sink`` keys and those holding any key within
+    ``window`` positions back from one of its queries (the query itself included), rounded out to whole
+    blocks. Heads listed in ``dense_heads`` attend causally to everything instead. Returns a mask of shape
+    ``[1, n_heads, Mq, Nk]`` (``[1, 1, ...]`` when every head streams and n_heads is 1).
+    """
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
+    if sink < 0 or window < 1:
+        raise ValueError(f"sink, window: need sink >= 0 and window >= 1, got {sink}, {window}")
+    dense_heads = sorted(set(int(h) for h in dense_heads))
+    if any(h < 0 or h >= n_heads for h in dense_heads):
+        raise ValueError(f"dense_heads: every head must be in [0, n_heads = {n_heads}), got {dense_heads}")
+    first, last = _query_positions(q_len, kv_len, block_m, device)
+    key_start = torch.arange(0, kv_len, block_n, device=device)
+    key_end = torch.clamp_max(key_start + block_n, kv_len) - 1
+    sinks = key_start < sink
+    local = (key_end[None, :] > first[:, None] - window) & (key_start[None, :] <= last[:, None])
+    stream = (sinks[None, :] | local)[None, None].expand(1, n_heads, -1, -1).clone()
+    if dense_heads:
+        stream[:, dense_heads] = _causal_blocks(q_len, kv_len, block_m, block_n, device)
+    return BlockSparseMask.from_dense(stream, block_m, block_n, q_len, kv_len, causal=True)
+
+
+def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int, n_slash: int, last_q: int = 64,
+                   block_m: int = 64, block_n: int = 64, scale: Optional[float] = None) -> BlockSparseMask:
+    """MInference's vertical-slash pattern, causal, estimated per (batch, head).
+
+    The last ``last_q`` queries attend (causally, in float32) to every key; summing their attention per key
+    column gives the vertical scores and per diagonal (query position - key position) the slash scores. The
+    top ``n_vertical`` columns and ``n_slash`` diagonals are kept (the first column, the sink, and the main
+    diagonal always), and a block is selected when a kept column or diagonal crosses it.
+    """
+    _check_qk(q, k)
+    b, h, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    last_q = min(last_q, q_len)
+    offset = kv_len - q_len
+    pos = torch.arange(q_len - last_q, q_len, device=q.device) + offset
+    keys = torch.arange(kv_len, device=q.device)
+    scores = (q[:, :, -last_q:].float() @ _gqa_keys(k, h).float().transpose(-1, -2)) * scale
+    attn = torch.softmax(scores.masked_fill(keys[None, :] > pos[:, None], float("-inf")), -1)
+    vertical = attn.sum(2)  # [B, H, S]
+    diagonal = (pos[:, None] - keys[None, :]).clamp_min(0).expand(b, h, -1, -1)
+    slash = torch.zeros(b, h, kv_len, device=q.device).scatter_add_(-1, diagonal.reshape(b, h, -1),
+                                                                     attn.reshape(b, h, -1))
+    vertical[..., 0] = float("inf")
+    slash[..., 0] = float("inf")
+    columns = vertical.topk(min(max(n_vertical, 1), kv_len), -1).indices
+    diagonals = slash.topk(min(max(n_slash, 1), kv_len), -1).indices.sort(-1).values
+
+    first, last = _query_positions(q_len, kv_len, block_m, q.device)
+    key_start = torch.arange(0, kv_len, block_n, device=q.device)
+    key_end = torch.clamp_max(key_start + block_n, kv_len) - 1
+    column_blocks = torch.zeros(b, h, len(key_start), dtype=torch.bool, device=q.device)
+    column_blocks.scatter_(-1, columns // block_n, True)
+    blocks = column_blocks[:, :, None, :].expand(-1, -1, len(first), -1).clone()
+    # diagonal o crosses block (m, n) when some row position a in [first, last] has key a - o in [start, end]
+    lo = (first[:, None] - key_end[None, :]).flatten()  # smallest offset through the block
+    hi = (last[:, None] - key_start[None, :]).flatten()
+    flat = diagonals.reshape(b * h, -1).contiguous()
+    count = (torch.searchsorted(flat, hi.expand(b * h, -1).contiguous(), right=True)
+             - torch.searchsorted(flat, lo.expand(b * h, -1).contiguous(), right=False))
+    blocks |= (count > 0).view(b, h, len(first), len(key_start))
+    blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
+    return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=True)
+
+
+def anchor(q: torch.Tensor, k: torch.Tensor, theta: float, block_m: int = 64, block_n: int = 64,
+           init_blocks: int = 1, local_blocks: int = 1, scale: Optional[float] = None) -> BlockSparseMask:
+    """AnchorAttention's selection, causal.
+
+    Each query block's mean-pooled query scores every key (causally, against the block's last row). The
+    anchor is the highest score in the first ``init_blocks`` KV blocks and the ``local_blocks`` KV blocks
+    ending at the query block's diagonal; a KV block is kept when its highest score is at least
+    ``anchor - theta``. The initial and local blocks are always kept.
+    """
+    _check_qk(q, k)
+    b, h, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    nk = _blocks(kv_len, block_n)
+    _, last = _query_positions(q_len, kv_len, block_m, q.device)
+    keys = torch.arange(kv_len, device=q.device)
+    scores = (_pool(q, block_m) @ _gqa_keys(k, h).float().transpose(-1, -2)) * scale  # [B, H, Mq, S]
+    scores = scores.masked_fill(keys[None, :] > last[:, None], float("-inf"))
+    padded = torch.full((b, h, len(last), nk * block_n), float("-inf"), device=q.device)
+    padded[..., :kv_len] = scores
+    block_max = padded.view(b, h, len(last), nk, block_n).amax(-1)  # [B, H, Mq, Nk]
+    n = torch.arange(nk, device=q.device)
+    diagonal = (last // block_n)[:, None]
+    always = (n[None, :] < init_blocks) | ((n[None, :] <= diagonal) & (n[None, :] > diagonal - local_blocks))
+    anchor_score = block_max.masked_fill(~always, float("-inf")).amax(-1, keepdim=True)
+    blocks = (block_max >= anchor_score - theta) | always
+    blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
+    return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=True)
+
+
+def kmeans_keys(k: torch.Tensor, n_clusters: int, iters: int = 10,
+                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cluster each (batch, KV head)'s keys offline with Lloyd's k-means (Squeezed Attention).
+
+    Returns ``centroids`` float32 ``[B, Hkv, C, D]`` and ``cluster_of_key`` int64 ``[B, Hkv, S]``. Starts from
+    ``n_clusters`` distinct random keys; an emptied cluster keeps its centroid.
+    """
+    if not isinstance(k, torch.Tensor) or k.dim() != 4:
+        raise ValueError(f"k: expected [B, Hkv, S, D], got {list(getattr(k, 'shape', []))}")
+    b, h, s, d = k.shape
+    if not 1 <= n_clusters <= s:
+        raise ValueError(f"n_clusters: must be in [1, S = {s}], got {n_clusters}")
+    keys = k.float().reshape(b * h, s, d)
+    start = torch.rand(b * h, s, generator=generator, device="cpu").argsort(-1)[:, :n_clusters].to(k.device)
+    centroids = keys.gather(1, start[..., None].expand(-1, -1, d))
+    for _ in range(iters):
+        assign = torch.cdist(keys, centroids).argmin(-1)
+        sums = torch.zeros_like(centroids).scatter_add_(1, assign[..., None].expand(-1, -1, d), keys)
+        counts = torch.zeros(b * h, n_clusters, device=k.device).scatter_add_(1, assign, torch.ones_like(keys[..., 0]))
+        centroids = torch.where(counts[..., None] > 0, sums / counts.clamp_min(1)[..., None], centroids)
+    assign = torch.cdist(keys, centroids).argmin(-1)
+    return centroids.view(b, h, n_clusters, d), assign.view(b, h, s)
+
+
+def centroid_select(q: torch.Tensor, centroids: torch.Tensor, cluster_of_key: torch.Tensor,
+                    threshold: Optional[float] = None, top_k: Optional[int] = None, block_m: int = 64,
+                    block_n: int = 64, causal: bool = True, scale: Optional[float] = None) -> BlockSparseMask:
+    """Squeezed Attention's online selection over a fixed, clustered context.
+
+    Each query block's mean-pooled query scores the centroids. With ``top_k`` the best ``top_k`` clusters are
+    kept; with ``threshold`` the clusters whose estimated attention mass (softmax of the centroid scores
+    weighted by cluster sizes) is at least ``threshold``. A KV block is kept when it holds a key of a kept
+    cluster. With ``causal`` (queries end-aligned), blocks past a query block are dropped and the diagonal
+    block is always kept.
+    """
+    if (threshold is None) == (top_k is None):
+        raise ValueError("centroid_select: pass exactly one of threshold and top_k")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q: expected [B, H, S, D], got {list(getattr(q, 'shape', []))}")
+    b, h, q_len, d = q.shape
+    if centroids.dim() != 4 or centroids.shape[0] != b or centroids.shape[3] != d:
+        raise ValueError(f"centroids: expected [B={b}, Hkv, C, D={d}], got {list(centroids.shape)}")
+    if cluster_of_key.shape[:2] != centroids.shape[:2] or cluster_of_key.dim() != 3:
+        raise ValueError(f"cluster_of_key: expected [B, Hkv, S] matching centroids, got {list(cluster_of_key.shape)}")
+    kv_len, n_clusters = cluster_of_key.shape[2], centroids.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    scores = (_pool(q, block_m) @ _gqa_keys(centroids.float(), h).transpose(-1, -2)) * scale  # [B, H, Mq, C]
+    assign = _gqa_keys(cluster_of_key[..., None], h)[..., 0]  # [B, H, S]
+    if top_k is not None:
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(min(top_k, n_clusters), -1).indices,
+                                                                     True)
+    else:
+        sizes = torch.zeros(b, h, n_clusters, device=q.device).scatter_add_(-1, assign, torch.ones_like(assign,
+                                                                                                      dtype=torch.float))
+        mass = torch.softmax(scores + torch.log(sizes)[:, :, None, :], -1)
+        chosen = mass >= threshold
+    keys_kept = chosen.gather(-1, assign[:, :, None, :].expand(-1, -1, scores.shape[2], -1))  # [B, H, Mq, S]
+    nk = _blocks(kv_len, block_n)
+    padded = torch.zeros(*keys_kept.shape[:3], nk * block_n, dtype=torch.bool, device=q.device)
+    padded[..., :kv_len] = keys_kept
+    blocks = padded.view(*keys_kept.shape[:3], nk, block_n).any(-1)
+    if causal:
+        _, last = _query_positions(q_len, kv_len, block_m, q.device)
+        blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
+        blocks[..., torch.arange(len(last), device=q.device), last // block_n] = True
+    return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=causal)
+
+
+def topk_blocks(q: torch.Tensor, k: torch.Tensor, density: float, block_m: int = 64, block_n: int = 64,
+                causal: bool = True, scale: Optional[float] = None) -> BlockSparseMask:
+    """Generic block top-k: mean-pooled q and k per block score every block pair; each query block keeps the
+    top ``ceil(density * reachable blocks)`` KV blocks (always its diagonal block when causal)."""
+    _check_qk(q, k)
+    if not 0 < density <= 1:
+        raise ValueError(f"density: must be in (0, 1], got {density}")
+    b, h, q_len, d = q.shape
+    kv_len = k.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    scores = (_pool(q, block_m) @ _gqa_keys(_pool(k, block_n), h).transpose(-1, -2)) * scale  # [B, H, Mq, Nk]
+    mq, nk = scores.shape[2:]
+    reachable = (_causal_blocks(q_len, kv_len, block_m, block_n, q.device) if causal
+                 else torch.ones(mq, nk, dtype=torch.bool, device=q.device))
+    keep = torch.ceil(density * reachable.sum(-1).float()).long()  # [Mq]
+    if causal:
+        _, last = _query_positions(q_len, kv_len, block_m, q.device)
+        diagonal = torch.zeros(mq, nk, dtype=torch.bool, device=q.device)
+        diagonal[torch.arange(mq, device=q.device), last // block_n] = True
+        scores = scores.masked_fill(diagonal, float("inf"))
+    scores = scores.masked_fill(~reachable, float("-inf"))
+    rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
+    blocks = (rank < keep[:, None]) & reachable
+    return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=causal)
+
+
+# ---------------------------------------------------------------------------------------------------- decode
+
+@dataclass
+class PageSummary:
+    """Per page and KV head, the elementwise min and max of the page's keys (Quest / LServe).
+
+    Attributes:
+        kmin, kmax: ``[B, Hkv, n_pages, D]`` in the cache's dtype, ``n_pages = ceil(S_max / page_size)``; pages
+            (or page tails) past a row's length do not count, and an empty page holds zeros.
+        page_size: 16 or 64 tokens.
+        seq_lens: int64 ``[B]``, the lengths summarised.
+    """
+
+    kmin: torch.Tensor
+    kmax: torch.Tensor
+    page_size: int
+    seq_lens: torch.Tensor
+
+    @classmethod
+    def build(cls, k_cache: torch.Tensor, seq_lens: torch.Tensor, page_size: int = 16) -> "PageSummary":
+        """Summarise ``k_cache`` ``[B, Hkv, S_max, D]`` up to ``seq_lens`` [B]."""
+        if page_size not in PAGE_SIZES:
+            raise ValueError(f"page_size: must be one of {PAGE_SIZES}, got {page_size}")
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+            raise ValueError(f"k_cache: expected [B, Hkv, S_max, D], got {list(getattr(k_cache, 'shape', []))}")
+        b, h, s_max, d = k_cache.shape
+        n_pages = _blocks(s_max, page_size)
+        empty = torch.zeros(b, h, n_pages, d, dtype=k_cache.dtype, device=k_cache.device)
+        summary = cls(empty, empty.clone(), page_size, torch.zeros(b, dtype=torch.long, device=k_cache.device))
+        summary._summarise(k_cache, torch.arange(n_pages, device=k_cache.device).expand(b, -1), seq_lens)
+        return summary
+
+    def update(self, k_cache: torch.Tensor, seq_lens: torch.Tensor) -> None:
+        """Bring the summary up to ``seq_lens`` after tokens were appended to ``k_cache``: only the pages from
+        each row's previous last page to its new last page are recomputed (one page per decode step)."""
+        seq_lens = seq_lens.to(self.seq_lens.device).long()
+        first = torch.div(self.seq_lens, self.page_size, rounding_mode="floor")
+        last = torch.div((seq_lens - 1).clamp_min(0), self.page_size, rounding_mode="floor")
+        span = int((last - first).clamp_min(0).max()) + 1 if seq_lens.numel() else 0
+        pages = (first[:, None] + torch.arange(span, device=first.device)).clamp_max(self.kmin.shape[2] - 1)
+        self._summarise(k_cache, pages, seq_lens)
+
+    def _summarise(self, k_cache, pages, seq_lens):
+        """Recompute the listed pages ([B, n] page indices) of every head from the cache."""
+        b, h, s_max, d = k_cache.shape
+        if (b, h, d) != (self.kmin.shape[0], self.kmin.shape[1], self.kmin.shape[3]):
+            raise ValueError(f"k_cache: shape {list(k_cache.shape)} does not match the summary's {list(self.kmin.shape)}")
+        seq_lens = seq_lens.to(k_cache.device).long()
+        if seq_lens.shape != (b,):
+            raise ValueError(f"seq_lens: expected shape [{b}], got {list(seq_lens.shape)}")
+        p = self.page_size
+        positions = pages[:, :, None] * p + torch.arange(p, device=k_cache.device)  # [B, n, P]
+        valid = positions < torch.clamp_max(seq_lens, s_max)[:, None, None]
+        index = positions.clamp_max(s_max - 1).reshape(b, 1, -1, 1).expand(b, h, -1, d)
+        tokens = k_cache.gather(2, index).view(b, h, pages.shape[1], p, d)
+        mask = valid[:, None, :, :, None]
+        any_valid = valid.any(-1)[:, None, :, None]
+        kmin = torch.where(mask, tokens, torch.full_like(tokens, float("inf"))).amin(3)
+        kmax = torch.where(mask, tokens, torch.full_like(tokens, float("-inf"))).amax(3)
+        scatter = pages[:, None, :, None].expand(b, h, -1, d)
+        self.kmin.scatter_(2, scatter, torch.where(any_valid, kmin, 0))
+        self.kmax.scatter_(2, scatter, torch.where(any_valid, kmax, 0))
+        self.seq_lens = seq_lens.clone()
+
+
+def page_scores(q: torch.Tensor, summary: PageSummary) -> torch.Tensor:
+    """Quest's upper bound per page and KV head, summed over the head's query group: float32 ``[B, Hkv, n_pages]``."""
+    b, hq, d = q.shape
+    hkv = summary.kmin.shape[1]
+    qg = q.float().view(b, hkv, hq // hkv, 1, d)
+    bound = torch.maximum(qg * summary.kmax.float()[:, :, None], qg * summary.kmin.float()[:, :, None])
+    return bound.sum((2, 4))
+
+
+def select_pages(q: torch.Tensor, summary: PageSummary, seq_lens: torch.Tensor, token_budget: int) -> torch.Tensor:
+    """The pages each KV head attends: int32 ``[B, Hkv, n_sel]``, increasing, -1 padded.
+
+    ``n_sel = max(2, token_budget // page_size)`` (capped at the page count): always the first (sink) page and
+    the newest page, then the best-scoring others (:func:`page_scores`). Fixed shapes for CUDA graphs.
+    """
+    return torch.ops.efficient_ops.select_pages(q, summary.kmin, summary.kmax, seq_lens, summary.page_size,
+                                                token_budget)
+
+
+def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                        page_indices: torch.Tensor, page_size: int, scale: Optional[float] = None,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """Decode attention over listed pages: query head h attends every position ``s < seq_lens[b]`` of the pages
+    ``page_indices[b, h // G]`` (-1 = unused slot) lists.
+
+    Args:
+        q: ``[B, Hq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels.
+        k_cache, v_cache: ``[B, Hkv, S_max, D]`` in q's dtype.
+        seq_lens: integer ``[B]``.
+        page_indices: int32 ``[B, Hkv, n_sel]`` (from :func:`select_pages`), distinct per row.
+        page_size: 16 or 64.
+        scale: default ``D ** -0.5``.
+        backend: "cuda", "triton" or "reference".
+
+    Returns:
+        ``[B, Hq, D]``; a head with no key gets zeros. Fixed shapes, CUDA-graph capturable.
+    """
+    return torch.ops.efficient_ops.paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale,
+                                                       backend)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                            summary: PageSummary, token_budget: int, scale: Optional[float] = None,
+                            backend: Optional[str] = None) -> torch.Tensor:
+    """Quest-style sparse decode: :func:`select_pages` then :func:`paged_sparse_decode`."""
+    pages = select_pages(q, summary, seq_lens, token_budget)
+    return paged_sparse_decode(q, k_cache, v_cache, seq_lens, pages, summary.page_size, scale, backend)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                           scale: Optional[float] = None, return_lse: bool = False,
+                           backend: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over exactly the keys of the KV blocks ``mask`` selects.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` float16/bfloat16 (any float on the reference backend), D in 64, 128 on the kernels.
+        k, v: ``[B, Hkv, Skv, D]`` in q's dtype; Hq a multiple of Hkv (GQA).
+        mask: a :class:`BlockSparseMask` with ``q_len = Sq``, ``kv_len = Skv`` and batch/head dims 1, B or Hq.
+        scale: default ``D ** -0.5``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` of the scaled scores.
+        backend: "cuda", "triton" or "reference".
+
+    Returns:
+        ``[B, Hq, Sq, D]`` (and the lse). Query row i attends key j when j's block is selected for i's block,
+        and, when ``mask.causal``, ``j <= i + Skv - Sq``. A row with no key gets zeros and lse = -inf.
+    """
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"mask: expected a BlockSparseMask, got {type(mask).__name__}")
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4 and \
+            (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"mask: built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q and k have "
+                         f"{q.shape[2]} and {k.shape[2]} positions")
+    out, lse = torch.ops.efficient_ops.block_sparse_attention(q, k, v, mask.kv_num_blocks, mask.kv_indices,
+                                                              mask.block_m, mask.block_n, mask.causal, scale, backend)
+    return (out, lse) if return_lse else out
