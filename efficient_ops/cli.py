@@ -19,8 +19,14 @@ OPS = {
                           "reference": "PyTorch, any device"},
     "rsparse_linear": {"cuda": "fused decode kernel, M <= 8, fp16/bf16", "triton": "one fused launch, any M, fp16/bf16",
                        "reference": "PyTorch, any device"},
+    "tree_attention": {"cuda": "split-prefix flash-decoding + masked tree part, tensor cores, D 64/128, T <= 256, "
+                               "fp16/bf16",
+                       "triton": "split-prefix + masked tree part merged by lse, D 64/128, T <= 256, fp16/bf16",
+                       "reference": "PyTorch, any device"},
+    "compact_kv": {"cuda": "one launch for all layers, in place", "triton": "one launch for all layers, in place",
+                   "reference": "PyTorch, any device"},
 }
-FAMILIES = ("lowbit", "rsparse")
+FAMILIES = ("lowbit", "rsparse", "tree_attention")
 
 
 def _gpu_line() -> str:
