@@ -18,6 +18,8 @@
 
 #include "lowbit/lowbit_gemv.h"
 #include "rsparse/rsparse_gemv.h"
+#include "speculative/compact_kv.h"
+#include "speculative/tree_attention.h"
 
 #ifndef EFFICIENT_OPS_CUDA_ARCHS
 #define EFFICIENT_OPS_CUDA_ARCHS ""  // set by CMakeLists.txt, comma separated, e.g. "80,90a"
@@ -146,6 +148,92 @@ int64_t rsparse_workspace_bytes(int64_t M, int64_t N, int64_t R) {
   return bytes;
 }
 
+// A sequence of exactly n ints (pybind11 converts lists and tuples to std::vector).
+void copy_strides(const std::vector<int64_t>& in, int64_t* out, size_t n, const char* op, const char* arg) {
+  if (in.size() != n)
+    throw py::value_error(std::string(op) + ": " + arg + " must have " + std::to_string(n) + " entries, got " +
+                          std::to_string(in.size()));
+  for (size_t i = 0; i < n; ++i) out[i] = in[i];
+}
+
+void tree_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t out_ptr, uintptr_t prefix_lens_ptr,
+                    uintptr_t parents_ptr, uintptr_t workspace_ptr, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
+                    int64_t D, int64_t S_max, int64_t num_splits, const std::vector<int64_t>& q_strides,
+                    const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                    const std::vector<int64_t>& out_strides, int64_t parents_batch_stride, double scale,
+                    const std::string& dtype, uintptr_t stream) {
+  if (dtype != "float16" && dtype != "bfloat16")
+    throw py::value_error("tree_attention: dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  efficient_ops::TreeAttentionArgs args{};
+  args.dtype = parse_dtype(dtype, "dtype");
+  args.q = reinterpret_cast<const void*>(q_ptr);
+  args.k_cache = reinterpret_cast<const void*>(k_ptr);
+  args.v_cache = reinterpret_cast<const void*>(v_ptr);
+  args.out = reinterpret_cast<void*>(out_ptr);
+  args.prefix_lens = reinterpret_cast<const int64_t*>(prefix_lens_ptr);
+  args.parents = reinterpret_cast<const int64_t*>(parents_ptr);
+  args.workspace = reinterpret_cast<void*>(workspace_ptr);
+  args.B = B;
+  args.Hq = Hq;
+  args.Hkv = Hkv;
+  args.T = T;
+  args.D = D;
+  args.S_max = S_max;
+  args.num_splits = num_splits;
+  copy_strides(q_strides, args.q_strides, 3, "tree_attention", "q_strides");
+  copy_strides(k_strides, args.k_strides, 3, "tree_attention", "k_strides");
+  copy_strides(v_strides, args.v_strides, 3, "tree_attention", "v_strides");
+  copy_strides(out_strides, args.out_strides, 3, "tree_attention", "out_strides");
+  args.parents_batch_stride = parents_batch_stride;
+  args.scale = float(scale);
+  if (const char* problem = efficient_ops::tree_attention_check(args))
+    throw py::value_error(std::string("tree_attention: ") + problem);
+
+  const cudaError_t err = efficient_ops::tree_attention(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("tree_attention: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
+int64_t tree_attention_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t num_splits) {
+  const int64_t bytes = efficient_ops::tree_attention_workspace_bytes(B, Hq, T, D, num_splits);
+  if (bytes < 0)
+    throw py::value_error("tree_attention_workspace_bytes: need B, Hq >= 1, T in 1..256, D in {64, 128} and "
+                          "num_splits in 1..1024, got B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) +
+                          ", T=" + std::to_string(T) + ", D=" + std::to_string(D) +
+                          ", num_splits=" + std::to_string(num_splits));
+  return bytes;
+}
+
+void compact_kv(uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t prefix_lens_ptr, uintptr_t accepted_ptr,
+                uintptr_t accept_len_ptr, int64_t L, int64_t B, int64_t Hkv, int64_t S_max, int64_t D, int64_t P,
+                const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
+                int64_t accepted_batch_stride, int64_t elem_bytes, uintptr_t stream) {
+  efficient_ops::CompactKVArgs args{};
+  args.k_cache = reinterpret_cast<void*>(k_ptr);
+  args.v_cache = reinterpret_cast<void*>(v_ptr);
+  args.prefix_lens = reinterpret_cast<const int64_t*>(prefix_lens_ptr);
+  args.accepted = reinterpret_cast<const int64_t*>(accepted_ptr);
+  args.accept_len = reinterpret_cast<const int64_t*>(accept_len_ptr);
+  args.L = L;
+  args.B = B;
+  args.Hkv = Hkv;
+  args.S_max = S_max;
+  args.D = D;
+  args.P = P;
+  copy_strides(k_strides, args.k_strides, 4, "compact_kv", "k_strides");
+  copy_strides(v_strides, args.v_strides, 4, "compact_kv", "v_strides");
+  args.accepted_batch_stride = accepted_batch_stride;
+  args.elem_bytes = elem_bytes;
+  if (const char* problem = efficient_ops::compact_kv_check(args))
+    throw py::value_error(std::string("compact_kv: ") + problem);
+
+  const cudaError_t err = efficient_ops::compact_kv(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("compact_kv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -192,4 +280,40 @@ PYBIND11_MODULE(_C, m) {
   m.def("rsparse_workspace_bytes", &rsparse_workspace_bytes, py::arg("M"), py::arg("N"), py::arg("R"),
         "Bytes of zeroed workspace rsparse_gemv needs for M rows, N outputs and rank R (float32 partial sums\n"
         "[M, N] and [M, R] plus arrival counters). Raises ValueError for M outside 0..8 or negative N, R.");
+
+  m.def("tree_attention", &tree_attention, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"), py::arg("out_ptr"),
+        py::arg("prefix_lens_ptr"), py::arg("parents_ptr"), py::arg("workspace_ptr"), py::arg("B"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("T"), py::arg("D"), py::arg("S_max"), py::arg("num_splits"), py::arg("q_strides"),
+        py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"), py::arg("parents_batch_stride"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "Tree attention for speculative verification (dtype 'float16' or 'bfloat16', D 64 or 128, T <= 256):\n"
+        "query node i of batch row b, head h attends to the prefix keys [0, prefix_lens[b]) and to the tree keys\n"
+        "prefix_lens[b] + j for j = i and every ancestor j of i (parents row b at parents_ptr + b *\n"
+        "parents_batch_stride, int64, parents[0] = -1, 0 <= parents[i] < i), KV head h / (Hq / Hkv);\n"
+        "softmax(scale * q.k) in float32. q, out [B, Hq, T, D] and k, v caches [B, Hkv, S_max, D] with element\n"
+        "strides (b, h, t|s) and unit stride in d; prefix_lens int64 [B] (clamped to [0, S_max - T] on the\n"
+        "device). workspace: tree_attention_workspace_bytes(B, Hq, T, D, num_splits) bytes, 16-byte aligned, no\n"
+        "initialisation needed. Two launches on `stream` (0 = legacy default stream). Raises ValueError for bad\n"
+        "sizes, strides, pointers or alignment, RuntimeError if a launch fails.");
+
+  m.def("tree_attention_num_splits", &efficient_ops::tree_attention_num_splits, py::arg("B"), py::arg("Hq"),
+        py::arg("Hkv"), py::arg("T"), py::arg("S_max"), py::arg("sm_count"),
+        "Prefix splits for tree_attention: about two waves of blocks on sm_count SMs, each split at least 256\n"
+        "prefix positions, between 1 and 1024.");
+
+  m.def("tree_attention_workspace_bytes", &tree_attention_workspace_bytes, py::arg("B"), py::arg("Hq"), py::arg("T"),
+        py::arg("D"), py::arg("num_splits"),
+        "Bytes of workspace tree_attention needs: float32 partial outputs and log-sum-exps of the num_splits + 1\n"
+        "splits of every query row. Raises ValueError for sizes out of range.");
+
+  m.def("compact_kv", &compact_kv, py::arg("k_ptr"), py::arg("v_ptr"), py::arg("prefix_lens_ptr"),
+        py::arg("accepted_ptr"), py::arg("accept_len_ptr"), py::arg("L"), py::arg("B"), py::arg("Hkv"),
+        py::arg("S_max"), py::arg("D"), py::arg("P"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("accepted_batch_stride"), py::arg("elem_bytes"), py::arg("stream"),
+        "In-place KV compaction after verification, all layers in one launch: for every (l, b, h) and\n"
+        "j = 1 .. accept_len[b] (clamped to [0, P - 1]) in order, cache row prefix_lens[b] + accepted[b, j] ->\n"
+        "row prefix_lens[b] + j, for k and v ([L, B, Hkv, S_max, D], element strides (l, b, h, s), unit stride\n"
+        "in d, elem_bytes 2 or 4). accepted int64 [B, P] (row stride accepted_batch_stride), strictly\n"
+        "increasing from 0, -1 padded; moves out of [0, S_max) or with a negative index are skipped. Raises\n"
+        "ValueError for bad sizes, strides, pointers or alignment, RuntimeError if the launch fails.");
 }

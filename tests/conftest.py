@@ -69,19 +69,26 @@ def tiny_llama():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def build_emulation(tmp_path_factory, family: str):
+def build_emulation(tmp_path_factory, family: str, harness: str = None):
     """Compile the CPU emulation of ``csrc/<family>/<family>_gemv.cu`` (its harness is
-    ``tests/csrc/<family>_gemv_emulation.cu``) under AddressSanitizer and UBSan; skip without nvcc."""
+    ``tests/csrc/<family>_gemv_emulation.cu``) under AddressSanitizer and UBSan; skip without nvcc.
+    With ``harness``, compile ``tests/csrc/<harness>.cu`` instead, which includes its kernel sources itself
+    (paths relative to ``csrc/``)."""
     if nvcc_path() is None:
         pytest.skip("nvcc not found")
     exe = tmp_path_factory.mktemp(f"{family}_emulation") / "emulation"
-    source = os.path.join(REPO, "csrc", family, f"{family}_gemv.cu")
+    if harness is None:
+        source = os.path.join(REPO, "csrc", family, f"{family}_gemv.cu")
+        defines = [f'-DEO_SRC="{source}"', "-I" + os.path.dirname(source)]
+        harness_path = os.path.join(REPO, "tests", "csrc", f"{family}_gemv_emulation.cu")
+    else:
+        defines = []
+        harness_path = os.path.join(REPO, "tests", "csrc", f"{harness}.cu")
     build = subprocess.run(
         # -O0: with the sanitizers, -O1 takes over a minute to build every kernel variant for the host;
         # -O0 builds in ~10-15 s.
         [nvcc_path(), "-std=c++17", "-O0", "-g", "-arch=sm_80", "-Xcompiler=-fsanitize=address,-fsanitize=undefined",
-         f'-DEO_SRC="{source}"', "-I" + os.path.dirname(source), "-I" + os.path.join(REPO, "csrc"),
-         os.path.join(REPO, "tests", "csrc", f"{family}_gemv_emulation.cu"), "-o", str(exe)],
+         *defines, "-I" + os.path.join(REPO, "csrc"), harness_path, "-o", str(exe)],
         capture_output=True, text=True, timeout=600)
     assert build.returncode == 0, build.stderr
     return exe

@@ -513,3 +513,23 @@ def test_triton_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.skipif(eo.backends.extension() is None or torch.cuda.is_available(),
+                    reason="needs efficient_ops._C and no GPU (the launch must fail)")
+def test_cuda_runners_pass_the_extension_checks(monkeypatch):
+    """The ops' cuda runners on CPU tensors with a stand-in stream and SM count: the real bindings accept their
+    keyword arguments and every size, stride and pointer check, and only the kernel launch fails (no GPU)."""
+    from efficient_ops.ops import speculative as ops
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 132})())
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = attention_inputs(2, 8, 2, 16, 128, 600, torch.bfloat16, gen)
+    parents = make_parents("per_row", 2, 16, gen)
+    with pytest.raises(RuntimeError, match="tree_attention: CUDA launch failed"):
+        ops._run_tree_attention_cuda(q, k, v, torch.tensor([500, 3]), parents, 0.088)
+    k5 = torch.zeros(3, 2, 2, 40, 128, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="compact_kv: CUDA launch failed"):
+        ops._run_compact_kv_cuda(k5, k5.clone(), torch.tensor([0, 5]), torch.tensor([[0, 2, 5], [0, 1, -1]]),
+                                 torch.tensor([2, 1]))
