@@ -172,8 +172,8 @@ def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor,
 
 
 def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
-                    draft_probs: torch.Tensor, mode: str = "iid",
-                    generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    draft_probs: torch.Tensor, mode: str = "iid", generator: Optional[torch.Generator] = None,
+                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Lossless stochastic verification: the emitted tokens (accepted drafts, then ``next_token``) are
     distributed exactly as sampling from the target one token at a time.
 
@@ -188,14 +188,18 @@ def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: t
             ``"without_replacement"`` (Sequoia / RSD): as iid, but the rejected x is also removed from q and
             q renormalised.
             ``"deterministic"``: the children are q's top-k (EAGLE-2 style): accept x with probability
-            p(x) / sum(p); on rejection p(x) <- 0, renormalised.
+            p(x) / sum(p); on rejection p(x) <- 0, renormalised. This rule never reads q, so it is lossless
+            whatever the children are.
             When no child is accepted, ``next_token`` is drawn from the current residual p.
-        generator: for the uniforms (one per node tested, one for the final draw).
+        generator: for the uniforms (one per node tested, one for the final draw), drawn on the tokens' device.
+        backend: "triton" (each row's walk in one program on the device) or "reference" (batched PyTorch);
+            default the best available.
 
     Returns:
         ``(accept_len, accepted_nodes, next_token)`` as :func:`verify_greedy`.
     """
-    return torch.ops.efficient_ops.verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator)
+    return torch.ops.efficient_ops.verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator,
+                                                   backend)
 
 
 def verify_typical(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,

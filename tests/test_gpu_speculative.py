@@ -104,3 +104,23 @@ def test_verification_on_gpu_matches_cpu():
     accept_len, accepted, next_token = eo.verify_sampling(tokens.cuda(), parents.cuda(), probs.cuda(), probs.cuda(),
                                                           mode="iid")
     assert accept_len.device.type == "cuda" and (accept_len >= 0).all() and (next_token < vocab).all()
+
+
+@pytest.mark.parametrize("mode", ["iid", "without_replacement", "deterministic"])
+def test_verify_sampling_triton_equals_reference_with_the_same_uniforms(mode):
+    from efficient_ops.ops.speculative import verify_sampling_with_uniforms
+
+    g = torch.Generator().manual_seed(5)
+    b, t, vocab = 64, 24, 32000  # a real vocabulary: the kernel's passes over V run in chunks
+    parents = random_parents(b, t, g)
+    tokens = torch.randint(0, vocab, (b, t), generator=g).cuda()
+    target = torch.softmax(torch.randn(b, t, vocab, generator=g) * 4, -1).cuda()
+    draft = torch.softmax(torch.randn(b, t, vocab, generator=g) * 4, -1).cuda()
+    tokens[:, 1:] = torch.multinomial(draft[torch.arange(b)[:, None], parents[:, 1:].cpu()].view(-1, vocab).cuda(), 1,
+                                      generator=None).view(b, t - 1)  # children drawn from their parent's q
+    u_accept = torch.rand(b, t, dtype=torch.float64, device="cuda")
+    u_final = torch.rand(b, dtype=torch.float64, device="cuda")
+    got = verify_sampling_with_uniforms(tokens, parents, target, draft, mode, u_accept, u_final, "triton")
+    want = verify_sampling_with_uniforms(tokens, parents, target, draft, mode, u_accept, u_final, "reference")
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)

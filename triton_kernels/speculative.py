@@ -180,3 +180,132 @@ def compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len):
         k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, b, hkv, s_max, accepted_nodes.shape[1],
         *k_cache.stride()[:4], *v_cache.stride()[:4], accepted_nodes.stride(0),
         D=d, BLOCK_D=triton.next_power_of_2(d), num_warps=1 if d <= 128 else 2)
+
+
+MODE_IDS = {"iid": 0, "without_replacement": 1, "deterministic": 2}
+
+
+@triton.jit
+def _load_row(src_ptr, dst_ptr, V, BLOCK_V: tl.constexpr):
+    """dst[:V] = float64(src[:V]); returns the sum."""
+    total = tl.zeros([BLOCK_V], tl.float64)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(src_ptr + offs, mask=offs < V, other=0.0).to(tl.float64)
+        tl.store(dst_ptr + offs, x, mask=offs < V)
+        total += x
+    return tl.sum(total, 0)
+
+
+@triton.jit
+def _residual(p_ptr, q_ptr, zp, zq, V, BLOCK_V: tl.constexpr):
+    """p <- max(0, p / zp - q / zq) in place unless that is all zero (then p is left as it is); returns the
+    new sum of p (zp when left)."""
+    total = tl.zeros([BLOCK_V], tl.float64)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        ok = offs < V
+        p = tl.load(p_ptr + offs, mask=ok, other=0.0)
+        q = tl.load(q_ptr + offs, mask=ok, other=0.0)
+        total += tl.maximum(p / zp - q / zq, 0.0)
+    new_total = tl.sum(total, 0)
+    if new_total > 0:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            ok = offs < V
+            p = tl.load(p_ptr + offs, mask=ok, other=0.0)
+            q = tl.load(q_ptr + offs, mask=ok, other=0.0)
+            tl.store(p_ptr + offs, tl.maximum(p / zp - q / zq, 0.0), mask=ok)
+    else:
+        new_total = zp
+    return new_total
+
+
+@triton.jit
+def _verify_sampling_kernel(tokens_ptr, children_ptr, target_ptr, draft_ptr, u_ptr, u_final_ptr, res_p_ptr, res_q_ptr,
+                            accept_len_ptr, accepted_ptr, next_ptr,
+                            T, C, V, path_len, s_tb, s_tt, s_db, s_dt,
+                            MODE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One batch row: walk the tree from the root, trying each node's children in order against the current
+    residual target distribution (float64 copies in res_p / res_q, unnormalised, with their sums)."""
+    b = tl.program_id(0).to(tl.int64)
+    res_p = res_p_ptr + b * V
+    res_q = res_q_ptr + b * V
+    node = b * 0  # int64 scalar
+    depth = b * 0
+    zp = _load_row(target_ptr + b * s_tb, res_p, V, BLOCK_V)
+    zq = _load_row(draft_ptr + b * s_db, res_q, V, BLOCK_V)
+    walking = 1
+    while walking == 1:
+        moved = 0
+        k = 0
+        while (k < C) & (moved == 0):
+            child = tl.load(children_ptr + (b * T + node) * C + k)
+            if child < 0:
+                k = C
+            else:
+                x = tl.load(tokens_ptr + b * T + child)
+                px = tl.load(res_p + x)
+                qx = tl.load(res_q + x)
+                u = tl.load(u_ptr + b * T + child)
+                if MODE == 2:
+                    accept = u * zp < px
+                else:
+                    accept = u * qx * zp < px * zq  # u < (px / zp) / (qx / zq), with no division
+                if accept:
+                    node = child
+                    depth += 1
+                    tl.store(accepted_ptr + b * path_len + depth, child)
+                    moved = 1
+                else:
+                    # a distribution that would become all zero is kept as it is (as the reference does)
+                    if MODE == 2:
+                        if zp - px > 0:
+                            tl.store(res_p + x, 0.0)
+                            zp = zp - px
+                    else:
+                        zp = _residual(res_p, res_q, zp, zq, V, BLOCK_V)
+                        if MODE == 1:
+                            if zq - qx > 0:
+                                tl.store(res_q + x, 0.0)
+                                zq = zq - qx
+                k += 1
+        if moved == 1:
+            zp = _load_row(target_ptr + b * s_tb + node * s_tt, res_p, V, BLOCK_V)
+            zq = _load_row(draft_ptr + b * s_db + node * s_dt, res_q, V, BLOCK_V)
+        else:
+            walking = 0
+    # the next token: the first index whose running sum of the residual exceeds u * zp (never a zero weight)
+    threshold = tl.load(u_final_ptr + b) * zp
+    carry = zp * 0.0
+    chosen = V
+    last_positive = b * 0 - 1
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        ok = offs < V
+        p = tl.load(res_p + offs, mask=ok, other=0.0)
+        running = carry + tl.cumsum(p, 0)
+        chosen = tl.minimum(chosen, tl.min(tl.where(ok & (running > threshold), offs, V), 0))
+        last_positive = tl.maximum(last_positive, tl.max(tl.where(ok & (p > 0), offs, -1), 0))
+        carry += tl.sum(p, 0)
+    chosen = tl.where(chosen < V, chosen, last_positive)
+    tl.store(accept_len_ptr + b, depth)
+    tl.store(next_ptr + b, chosen)
+
+
+def verify_sampling(tokens, children, target_probs, draft_probs, mode, u_accept, u_final, max_depth):
+    """tokens int64 [B, T], children int64 [B, T, C] (-1 padded, in node order), probs [B, T, V] (last dim
+    contiguous), float64 uniforms u_accept [B, T] and u_final [B]. Returns (accept_len, accepted_nodes, next)."""
+    b, t, v = target_probs.shape
+    accepted = torch.full((b, max_depth + 1), -1, dtype=torch.long, device=tokens.device)
+    accepted[:, 0] = 0
+    accept_len = torch.empty(b, dtype=torch.long, device=tokens.device)
+    next_token = torch.empty(b, dtype=torch.long, device=tokens.device)
+    res_p = torch.empty((b, v), dtype=torch.float64, device=tokens.device)
+    res_q = torch.empty((b, v), dtype=torch.float64, device=tokens.device)
+    _verify_sampling_kernel[(b,)](
+        tokens, children, target_probs, draft_probs, u_accept, u_final, res_p, res_q, accept_len, accepted, next_token,
+        t, children.shape[2], v, max_depth + 1, target_probs.stride(0), target_probs.stride(1),
+        draft_probs.stride(0), draft_probs.stride(1), MODE=MODE_IDS[mode],
+        BLOCK_V=min(4096, triton.next_power_of_2(v)), num_warps=4)
+    return accept_len, accepted, next_token

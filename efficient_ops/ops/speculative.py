@@ -3,9 +3,10 @@
 - ``tree_attention``: backends ``cuda``, ``triton`` (flash-decoding split over the prefix plus the masked
   T x T tree part, merged by log-sum-exp) and ``reference``.
 - ``merge_attention_states``: tensor code on any device.
-- ``verify_greedy``, ``verify_sampling``, ``verify_typical``: batched tensor code on any device; the Python
-  loops run over tree depth and sibling rank only, never over tokens or batch rows. The reference walks
-  each tree one node at a time.
+- ``verify_greedy``, ``verify_typical``: batched tensor code on any device (Python loops over tree depth
+  only). ``verify_sampling``: backend ``triton`` walks each batch row's tree in one program on the device;
+  ``reference`` runs batched tensor code (loops over tree depth and sibling rank). The reference module
+  walks each tree one node at a time.
 - ``compact_kv``: in place, one launch for all layers; backends ``cuda``, ``triton``, ``reference``.
 
 Value checks that need the device's data (prefix lengths within the cache, tree parents, accepted paths)
@@ -33,7 +34,7 @@ lib.define("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor pref
 lib.define("merge_attention_states(Tensor o_a, Tensor lse_a, Tensor o_b, Tensor lse_b) -> (Tensor, Tensor)")
 lib.define("verify_greedy(Tensor tokens, Tensor parents, Tensor target_logits) -> (Tensor, Tensor, Tensor)")
 lib.define("verify_sampling(Tensor tokens, Tensor parents, Tensor target_probs, Tensor draft_probs, str mode, "
-           "Generator? generator=None) -> (Tensor, Tensor, Tensor)")
+           "Generator? generator=None, str? backend=None) -> (Tensor, Tensor, Tensor)")
 lib.define("verify_typical(Tensor tokens, Tensor parents, Tensor target_probs, float posterior_threshold=0.09, "
            "float posterior_alpha=0.3) -> (Tensor, Tensor, Tensor)")
 lib.define("compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor prefix_lens, Tensor accepted_nodes, "
@@ -295,14 +296,20 @@ def sample_rows(p, u):
     return torch.where(p.gather(1, index) > 0, index, last)[:, 0]
 
 
-def verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final):
-    """The batched rejection rules with given uniforms (``u_accept`` [B, T]: node c's test; ``u_final`` [B]:
-    the residual draw), so tests can compare exactly with the one-node-at-a-time reference."""
+def verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final,
+                                  backend="reference"):
+    """The rejection rules with given uniforms (``u_accept`` [B, T]: node c's test; ``u_final`` [B]: the
+    residual draw), so tests can compare exactly with the one-node-at-a-time reference. ``backend``
+    "triton" walks each row's tree in one Triton program; "reference" runs batched tensor code."""
     b, t = tokens.shape
     rows = torch.arange(b, device=tokens.device)
     children = _children_table(parents)
     depth = tree_depths(parents)
     max_depth = int(depth.max())
+    if backend == "triton":
+        from ..triton_kernels import speculative as kernels  # imported on first use: Triton is optional
+        return kernels.verify_sampling(tokens.contiguous(), children, target_probs.contiguous(),
+                                       draft_probs.contiguous(), mode, u_accept, u_final, max_depth)
     p = target_probs[:, 0].double()
     q = draft_probs[:, 0].double()
     node = torch.zeros(b, dtype=torch.long, device=tokens.device)
@@ -333,7 +340,11 @@ def verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mo
     return depth[rows, node], _path_to(node, mask, depth, max_depth), sample_rows(p, u_final)
 
 
-def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator=None):
+def _verify_sampling_unsupported(backend) -> Optional[str]:
+    return "verify_sampling has no cuda backend (use triton or reference)" if backend == "cuda" else None
+
+
+def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator=None, backend=None):
     b, t, parents = _check_verify(tokens, parents, target_probs, "target_probs")
     if not isinstance(draft_probs, torch.Tensor) or draft_probs.shape != target_probs.shape:
         raise ValueError(f"draft_probs: expected the shape of target_probs {list(target_probs.shape)}, got "
@@ -344,7 +355,8 @@ def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     u_accept = torch.rand((b, t), generator=generator, device=tokens.device, dtype=torch.float64)
     u_final = torch.rand((b,), generator=generator, device=tokens.device, dtype=torch.float64)
-    return verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final)
+    name = backends.select("verify_sampling", tokens.device, backend, _verify_sampling_unsupported)
+    return verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final, name)
 
 
 _impl("verify_sampling", _verify_sampling)
