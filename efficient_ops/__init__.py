@@ -6,7 +6,8 @@ extension or Triton (see ``efficient-ops info`` for what is available here).
 
 __version__ = "0.1.0"
 
-from . import backends, nn, ops, quant, rsparse, sparse_attention, speculative  # noqa: F401  (ops registers torch.ops.efficient_ops.*)
+# importing ops registers torch.ops.efficient_ops.*
+from . import backends, nn, ops, quant, rsparse, sparse_attention, speculative  # noqa: F401
 from .ops.lowbit import lowbit_linear
 from .ops.rsparse import rsparse_linear
 from .sparse_attention import block_sparse_attention, paged_sparse_decode, sparse_decode_attention

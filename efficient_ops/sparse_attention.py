@@ -123,7 +123,8 @@ class BlockSparseMask:
         map (and causality) per element, so flex_attention computes exactly this mask even unfused."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        dense, bm, bn, offset, causal = self.to_dense(), self.block_m, self.block_n, self.kv_len - self.q_len, self.causal
+        dense, bm, bn, causal = self.to_dense(), self.block_m, self.block_n, self.causal
+        offset = self.kv_len - self.q_len
         per_batch, per_head = dense.shape[0] > 1, dense.shape[1] > 1
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -340,11 +341,11 @@ def centroid_select(q: torch.Tensor, centroids: torch.Tensor, cluster_of_key: to
     scores = (_pool(q, block_m) @ _gqa_keys(centroids.float(), h).transpose(-1, -2)) * scale  # [B, H, Mq, C]
     assign = _gqa_keys(cluster_of_key[..., None], h)[..., 0]  # [B, H, S]
     if top_k is not None:
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(min(top_k, n_clusters), -1).indices,
-                                                                     True)
+        best = scores.topk(min(top_k, n_clusters), -1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
     else:
-        sizes = torch.zeros(b, h, n_clusters, device=q.device).scatter_add_(-1, assign, torch.ones_like(assign,
-                                                                                                      dtype=torch.float))
+        ones = torch.ones_like(assign, dtype=torch.float)
+        sizes = torch.zeros(b, h, n_clusters, device=q.device).scatter_add_(-1, assign, ones)
         mass = torch.softmax(scores + torch.log(sizes)[:, :, None, :], -1)
         chosen = mass >= threshold
     keys_kept = chosen.gather(-1, assign[:, :, None, :].expand(-1, -1, scores.shape[2], -1))  # [B, H, Mq, S]
@@ -431,7 +432,8 @@ class PageSummary:
         """Recompute the listed pages ([B, n] page indices) of every head from the cache."""
         b, h, s_max, d = k_cache.shape
         if (b, h, d) != (self.kmin.shape[0], self.kmin.shape[1], self.kmin.shape[3]):
-            raise ValueError(f"k_cache: shape {list(k_cache.shape)} does not match the summary's {list(self.kmin.shape)}")
+            raise ValueError(f"k_cache: shape {list(k_cache.shape)} does not match the summary's "
+                             f"{list(self.kmin.shape)}")
         seq_lens = seq_lens.to(k_cache.device).long()
         if seq_lens.shape != (b,):
             raise ValueError(f"seq_lens: expected shape [{b}], got {list(seq_lens.shape)}")

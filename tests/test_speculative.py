@@ -533,7 +533,8 @@ def test_cuda_runners_pass_the_extension_checks(monkeypatch):
     from efficient_ops.ops import speculative as ops
 
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"multi_processor_count": 132})())
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("P", (), {"multi_processor_count": 132})())
     gen = torch.Generator().manual_seed(0)
     q, k, v = attention_inputs(2, 8, 2, 16, 128, 600, torch.bfloat16, gen)
     parents = make_parents("per_row", 2, 16, gen)

@@ -116,7 +116,8 @@ def _tree_attention_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         return f"the {backend} backend of tree_attention needs head_dim in {KERNEL_HEAD_DIMS} (got {q.shape[-1]})"
     if q.shape[2] > KERNEL_MAX_TREE:
-        return f"the {backend} backend of tree_attention takes trees of at most {KERNEL_MAX_TREE} nodes (got {q.shape[2]})"
+        return (f"the {backend} backend of tree_attention takes trees of at most {KERNEL_MAX_TREE} nodes "
+                f"(got {q.shape[2]})")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             return f"the {backend} backend of tree_attention needs {name}'s last dimension contiguous"

@@ -72,7 +72,8 @@ def select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
                 total = 0.0
                 for head in range(h * g, (h + 1) * g):
                     qd = q[row, head].double()
-                    total += float(torch.maximum(qd * kmax[row, h, page].double(), qd * kmin[row, h, page].double()).sum())
+                    hi, lo = qd * kmax[row, h, page].double(), qd * kmin[row, h, page].double()
+                    total += float(torch.maximum(hi, lo).sum())
                 bound.append(total)
             forced = sorted({0, n_valid - 1}) if n_valid else []
             rest = sorted((p for p in range(n_valid) if p not in forced), key=lambda p: (-bound[p], p))
