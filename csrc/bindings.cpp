@@ -18,6 +18,8 @@
 
 #include "lowbit/lowbit_gemv.h"
 #include "rsparse/rsparse_gemv.h"
+#include "sparse_attention/block_sparse_attention.h"
+#include "sparse_attention/paged_sparse_decode.h"
 #include "speculative/compact_kv.h"
 #include "speculative/tree_attention.h"
 
@@ -234,6 +236,104 @@ void compact_kv(uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t prefix_lens_ptr, uin
                              cudaGetErrorName(err) + ")");
 }
 
+// ---- sparse attention (csrc/sparse_attention) ------------------------------------------------------
+
+void block_sparse_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t out_ptr, uintptr_t lse_ptr,
+                            uintptr_t kv_num_blocks_ptr, uintptr_t kv_indices_ptr, int64_t B, int64_t Hq, int64_t Hkv,
+                            int64_t Sq, int64_t Skv, int64_t D, int64_t block_m, int64_t block_n, int64_t Mq,
+                            int64_t Nk, const std::vector<int64_t>& num_blocks_strides,
+                            const std::vector<int64_t>& indices_strides, bool causal,
+                            const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                            const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
+                            double scale, const std::string& dtype, uintptr_t stream) {
+  constexpr const char* op = "block_sparse_attention";
+  if (dtype != "float16" && dtype != "bfloat16")
+    throw py::value_error(std::string(op) + ": dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  efficient_ops::BlockSparseAttentionArgs args{};
+  args.dtype = parse_dtype(dtype, "dtype");
+  args.q = reinterpret_cast<const void*>(q_ptr);
+  args.k = reinterpret_cast<const void*>(k_ptr);
+  args.v = reinterpret_cast<const void*>(v_ptr);
+  args.out = reinterpret_cast<void*>(out_ptr);
+  args.lse = reinterpret_cast<float*>(lse_ptr);  // 0 -> nullptr: lse not wanted
+  args.kv_num_blocks = reinterpret_cast<const int32_t*>(kv_num_blocks_ptr);
+  args.kv_indices = reinterpret_cast<const int32_t*>(kv_indices_ptr);
+  args.B = B;
+  args.Hq = Hq;
+  args.Hkv = Hkv;
+  args.Sq = Sq;
+  args.Skv = Skv;
+  args.D = D;
+  args.block_m = block_m;
+  args.block_n = block_n;
+  args.Mq = Mq;
+  args.Nk = Nk;
+  copy_strides(num_blocks_strides, args.num_blocks_strides, 2, op, "num_blocks_strides");
+  copy_strides(indices_strides, args.indices_strides, 3, op, "indices_strides");
+  args.causal = causal;
+  copy_strides(q_strides, args.q_strides, 3, op, "q_strides");
+  copy_strides(k_strides, args.k_strides, 3, op, "k_strides");
+  copy_strides(v_strides, args.v_strides, 3, op, "v_strides");
+  copy_strides(out_strides, args.out_strides, 3, op, "out_strides");
+  args.scale = float(scale);
+  if (const char* problem = efficient_ops::block_sparse_attention_check(args))
+    throw py::value_error(std::string(op) + ": " + problem);
+
+  const cudaError_t err = efficient_ops::block_sparse_attention(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
+void paged_sparse_decode(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t out_ptr, uintptr_t seq_lens_ptr,
+                         uintptr_t page_indices_ptr, uintptr_t workspace_ptr, int64_t B, int64_t Hq, int64_t Hkv,
+                         int64_t D, int64_t S_max, int64_t page_size, int64_t n_sel, int64_t num_splits,
+                         const std::vector<int64_t>& q_strides, const std::vector<int64_t>& k_strides,
+                         const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides, double scale,
+                         const std::string& dtype, uintptr_t stream) {
+  constexpr const char* op = "paged_sparse_decode";
+  if (dtype != "float16" && dtype != "bfloat16")
+    throw py::value_error(std::string(op) + ": dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  efficient_ops::PagedSparseDecodeArgs args{};
+  args.dtype = parse_dtype(dtype, "dtype");
+  args.q = reinterpret_cast<const void*>(q_ptr);
+  args.k_cache = reinterpret_cast<const void*>(k_ptr);
+  args.v_cache = reinterpret_cast<const void*>(v_ptr);
+  args.out = reinterpret_cast<void*>(out_ptr);
+  args.seq_lens = reinterpret_cast<const int64_t*>(seq_lens_ptr);
+  args.page_indices = reinterpret_cast<const int32_t*>(page_indices_ptr);
+  args.workspace = reinterpret_cast<void*>(workspace_ptr);
+  args.B = B;
+  args.Hq = Hq;
+  args.Hkv = Hkv;
+  args.D = D;
+  args.S_max = S_max;
+  args.page_size = page_size;
+  args.n_sel = n_sel;
+  args.num_splits = num_splits;
+  copy_strides(q_strides, args.q_strides, 2, op, "q_strides");
+  copy_strides(k_strides, args.k_strides, 3, op, "k_strides");
+  copy_strides(v_strides, args.v_strides, 3, op, "v_strides");
+  copy_strides(out_strides, args.out_strides, 2, op, "out_strides");
+  args.scale = float(scale);
+  if (const char* problem = efficient_ops::paged_sparse_decode_check(args))
+    throw py::value_error(std::string(op) + ": " + problem);
+
+  const cudaError_t err = efficient_ops::paged_sparse_decode(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
+int64_t paged_sparse_decode_workspace_bytes(int64_t B, int64_t Hq, int64_t D, int64_t num_splits) {
+  const int64_t bytes = efficient_ops::paged_sparse_decode_workspace_bytes(B, Hq, D, num_splits);
+  if (bytes < 0)
+    throw py::value_error("paged_sparse_decode_workspace_bytes: need B, Hq >= 1 (B * Hq < 2^36), D in {64, 128} "
+                          "and num_splits in 1..1024, got B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) +
+                          ", D=" + std::to_string(D) + ", num_splits=" + std::to_string(num_splits));
+  return bytes;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -316,4 +416,48 @@ PYBIND11_MODULE(_C, m) {
         "in d, elem_bytes 2 or 4). accepted int64 [B, P] (row stride accepted_batch_stride), strictly\n"
         "increasing from 0, -1 padded; moves out of [0, S_max) or with a negative index are skipped. Raises\n"
         "ValueError for bad sizes, strides, pointers or alignment, RuntimeError if the launch fails.");
+
+  // ---- sparse attention ----
+  m.def("block_sparse_attention", &block_sparse_attention, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"),
+        py::arg("out_ptr"), py::arg("lse_ptr"), py::arg("kv_num_blocks_ptr"), py::arg("kv_indices_ptr"), py::arg("B"),
+        py::arg("Hq"), py::arg("Hkv"), py::arg("Sq"), py::arg("Skv"), py::arg("D"), py::arg("block_m"),
+        py::arg("block_n"), py::arg("Mq"), py::arg("Nk"), py::arg("num_blocks_strides"), py::arg("indices_strides"),
+        py::arg("causal"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"), py::arg("out_strides"),
+        py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "Block-sparse attention over a FlexAttention-layout block mask (dtype 'float16' or 'bfloat16', D 64 or\n"
+        "128, tensor cores, float32 accumulation): query row i of (b, h) (query block m = i // block_m) attends\n"
+        "key j of KV head h // (Hq // Hkv) iff j // block_n is in kv_indices[b, h, m, :kv_num_blocks[b, h, m]],\n"
+        "j < Skv and, if causal, j <= i + Skv - Sq. q, out [B, Hq, Sq, D] and k, v [B, Hkv, Skv, D] with element\n"
+        "strides (b, h, s) and unit stride in d; kv_num_blocks int32 [Bm, Hm, Mq] (strides num_blocks_strides\n"
+        "(b, h), unit in m) and kv_indices int32 [Bm, Hm, Mq, Nk] (strides indices_strides (b, h, m), unit in n),\n"
+        "broadcast over batch / heads by stride 0; block_m, block_n in {16, 32, 64, 128}; Mq = ceil(Sq /\n"
+        "block_m), Nk = ceil(Skv / block_n). lse_ptr: float32 [B, Hq, Sq] contiguous natural-log log-sum-exp of\n"
+        "the scaled scores, or 0. A row with no key: out 0, lse -inf. kv_num_blocks is clamped to [0, Nk] and\n"
+        "indices outside [0, Nk) are skipped on the device. One launch on `stream` (0 = legacy default stream).\n"
+        "Raises ValueError for bad sizes, strides, pointers or alignment, RuntimeError if the launch fails.");
+
+  m.def("paged_sparse_decode", &paged_sparse_decode, py::arg("q_ptr"), py::arg("k_ptr"), py::arg("v_ptr"),
+        py::arg("out_ptr"), py::arg("seq_lens_ptr"), py::arg("page_indices_ptr"), py::arg("workspace_ptr"),
+        py::arg("B"), py::arg("Hq"), py::arg("Hkv"), py::arg("D"), py::arg("S_max"), py::arg("page_size"),
+        py::arg("n_sel"), py::arg("num_splits"), py::arg("q_strides"), py::arg("k_strides"), py::arg("v_strides"),
+        py::arg("out_strides"), py::arg("scale"), py::arg("dtype"), py::arg("stream"),
+        "Decode attention over selected KV pages (dtype 'float16' or 'bfloat16', D 64 or 128, Hq / Hkv <= 16,\n"
+        "float32 accumulation): query head h of batch row b attends every position s < seq_lens[b] of the pages\n"
+        "page_indices[b, h // (Hq // Hkv), :] (int32 [B, Hkv, n_sel] contiguous; page p = positions [p *\n"
+        "page_size, (p + 1) * page_size), page_size 16 or 64; -1 or any page outside [0, ceil(S_max /\n"
+        "page_size)) is skipped; seq_lens int64 [B] clamped to [0, S_max]). q, out [B, Hq, D] with element\n"
+        "strides (b, h); k, v caches [B, Hkv, S_max, D] with strides (b, h, s); unit stride in d. No key: out 0.\n"
+        "workspace: paged_sparse_decode_workspace_bytes(B, Hq, D, num_splits) bytes, 16-byte aligned, no\n"
+        "initialisation needed. Two launches on `stream`, fixed shapes (CUDA-graph capturable). Raises\n"
+        "ValueError for bad sizes, strides, pointers or alignment, RuntimeError if a launch fails.");
+
+  m.def("paged_sparse_decode_num_splits", &efficient_ops::paged_sparse_decode_num_splits, py::arg("B"),
+        py::arg("Hkv"), py::arg("n_sel"), py::arg("page_size"), py::arg("sm_count"),
+        "Page-list splits for paged_sparse_decode: about two waves of blocks on sm_count SMs, each split at least\n"
+        "256 tokens, between 1 and min(n_sel, 1024) (1 for sizes out of range).");
+
+  m.def("paged_sparse_decode_workspace_bytes", &paged_sparse_decode_workspace_bytes, py::arg("B"), py::arg("Hq"),
+        py::arg("D"), py::arg("num_splits"),
+        "Bytes of workspace paged_sparse_decode needs: float32 partial outputs and log-sum-exps of the\n"
+        "num_splits splits of every (b, h) row. Raises ValueError for sizes out of range.");
 }

@@ -459,3 +459,23 @@ def test_triton_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.skipif(eo.backends.extension() is None or torch.cuda.is_available(),
+                    reason="needs efficient_ops._C and no GPU (the launch must fail)")
+def test_cuda_runners_pass_the_extension_checks(monkeypatch):
+    """The ops' cuda runners on CPU tensors with a stand-in stream and SM count: the real bindings accept their
+    keyword arguments and every size, stride and pointer check, and only the kernel launch fails (no GPU)."""
+    from efficient_ops.ops import sparse_attention as ops
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("P", (), {"multi_processor_count": 132})())
+    q, k, v = qkv(2, 4, 2, 70, 100, 64, torch.bfloat16, seed=0)
+    m = random_mask((1, 4), 16, 32, 70, 100, True, 0.5, seed=0)
+    with pytest.raises(RuntimeError, match="block_sparse_attention: CUDA launch failed"):
+        ops._run_block_sparse_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, 16, 32, True, 0.125)
+    qd, kc, vc, seq_lens = decode_inputs(2, 8, 2, 300, 128, [300, 20], torch.float16, seed=0)
+    pages = sa.select_pages(qd, sa.PageSummary.build(kc, seq_lens, 16), seq_lens, 64)
+    with pytest.raises(RuntimeError, match="paged_sparse_decode: CUDA launch failed"):
+        ops._run_decode_cuda(qd, kc, vc, seq_lens, pages, 16, 0.1)
