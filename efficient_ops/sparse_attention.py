@@ -418,13 +418,20 @@ class PageSummary:
         summary._summarise(k_cache, torch.arange(n_pages, device=k_cache.device).expand(b, -1), seq_lens)
         return summary
 
-    def update(self, k_cache: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    def update(self, k_cache: torch.Tensor, seq_lens: torch.Tensor, max_new_tokens: Optional[int] = None) -> None:
         """Bring the summary up to ``seq_lens`` after tokens were appended to ``k_cache``: only the pages from
-        each row's previous last page to its new last page are recomputed (one page per decode step)."""
+        each row's previous last page to its new last page are recomputed (one page per decode step).
+
+        With ``max_new_tokens`` (a bound on the tokens any row gained) the update has fixed shapes and no host
+        synchronisation, so it can be captured in a CUDA graph; without it the span is read from the lengths.
+        """
         seq_lens = seq_lens.to(self.seq_lens.device).long()
         first = torch.div(self.seq_lens, self.page_size, rounding_mode="floor")
         last = torch.div((seq_lens - 1).clamp_min(0), self.page_size, rounding_mode="floor")
-        span = int((last - first).clamp_min(0).max()) + 1 if seq_lens.numel() else 0
+        if max_new_tokens is not None:
+            span = (max_new_tokens + self.page_size - 2) // self.page_size + 1  # pages a run of new tokens can touch
+        else:
+            span = int((last - first).clamp_min(0).max()) + 1 if seq_lens.numel() else 0
         pages = (first[:, None] + torch.arange(span, device=first.device)).clamp_max(self.kmin.shape[2] - 1)
         self._summarise(k_cache, pages, seq_lens)
 
@@ -449,7 +456,7 @@ class PageSummary:
         scatter = pages[:, None, :, None].expand(b, h, -1, d)
         self.kmin.scatter_(2, scatter, torch.where(any_valid, kmin, 0))
         self.kmax.scatter_(2, scatter, torch.where(any_valid, kmax, 0))
-        self.seq_lens = seq_lens.clone()
+        self.seq_lens.copy_(seq_lens)  # in place: a captured graph keeps reading the same tensor
 
 
 def page_scores(q: torch.Tensor, summary: PageSummary) -> torch.Tensor:

@@ -339,6 +339,13 @@ def test_page_summary_build_and_update(page):
         summary.update(k_cache, new)
         for got, want in zip((summary.kmin, summary.kmax), brute_summary(k_cache, new, page)):
             assert torch.equal(got, want)
+    # with a bound on the new tokens (no host synchronisation, for CUDA graphs)
+    summary = sa.PageSummary.build(k_cache, seq_lens, page)
+    for step in range(1, 4):
+        new = seq_lens + 17 * step
+        summary.update(k_cache, new, max_new_tokens=17)
+        for got, want in zip((summary.kmin, summary.kmax), brute_summary(k_cache, new, page)):
+            assert torch.equal(got, want)
 
 
 def decode_inputs(b, hq, hkv, s_max, d, seq, dtype, seed):
