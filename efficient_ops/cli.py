@@ -10,7 +10,7 @@ import torch
 
 from . import __version__, backends
 
-# Per op: what each backend covers, shown by ``info``.
+# Per op: what each backend covers, shown by ``info`` (an op without a backend's entry has no such backend).
 OPS = {
     "lowbit_gemm": {"cuda": "decode GEMV, M <= 16, fp16/bf16; 4/3/2/1.58/1 bits",
                     "triton": "GEMV (M <= 16, split-K) + tensor-core GEMM; 4/3/2/1.58/1 bits",
@@ -25,8 +25,21 @@ OPS = {
                        "reference": "PyTorch, any device"},
     "compact_kv": {"cuda": "one launch for all layers, in place", "triton": "one launch for all layers, in place",
                    "reference": "PyTorch, any device"},
+    "block_sparse_attention": {"cuda": "FlashAttention-2 style over the listed KV blocks, mma.sync tensor cores, "
+                                       "D 64/128, fp16/bf16, lse",
+                               "triton": "loops over the listed KV blocks only, D 64/128, fp16/bf16, lse",
+                               "reference": "PyTorch, any device"},
+    "paged_sparse_decode": {"cuda": "flash-decoding over the page list, D 64/128, fp16/bf16",
+                            "triton": "flash-decoding over the page list, D 64/128, fp16/bf16",
+                            "reference": "PyTorch, any device"},
+    "select_pages": {"reference": "PyTorch tensor code, any device, fixed shapes"},
+    "merge_attention_states": {"reference": "PyTorch tensor code, any device"},
+    "verify_greedy": {"reference": "batched PyTorch, any device"},
+    "verify_typical": {"reference": "batched PyTorch, any device"},
+    "verify_sampling": {"triton": "one program per batch row walks the tree on the device",
+                        "reference": "batched PyTorch, any device"},
 }
-FAMILIES = ("lowbit", "rsparse", "tree_attention")
+FAMILIES = ("lowbit", "rsparse", "tree_attention", "sparse_attention")
 
 
 def _gpu_line() -> str:
@@ -69,7 +82,7 @@ def info() -> None:
     for op, notes in OPS.items():
         print(f"\n{op}:")
         for device in devices:
-            for name in backends.BACKENDS:
+            for name in (b for b in backends.BACKENDS if b in notes):
                 reason = backends.device_status(name, device)
                 state = "available" if reason is None else f"unavailable: {reason}"
                 print(f"  {device.type:4s} tensors  {name:9s}  {state}  [{notes[name]}]")
