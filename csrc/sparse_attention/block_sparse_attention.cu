@@ -36,10 +36,10 @@
 // rounding of the output.
 //
 // Emulation: the block program (attention_block) is __host__ __device__ and written against an executor
-// (sparse_attention_common.cuh): block-wide phases (ex.each), barriers (ex.sync) and warp phases (ex.warp)
-// whose per-lane code runs in for_lanes, with the warp collectives (ldmatrix, mma.sync, quad shuffles)
-// emulated from their PTX fragment layouts. tests/csrc/sparse_attention_emulation.cu runs every block of the
-// grid on the CPU under AddressSanitizer.
+// (csrc/common/block_exec.cuh): block-wide phases (ex.each), barriers (ex.sync) and warp phases (ex.warp)
+// whose per-lane code runs in for_lanes, with the warp collectives (ldmatrix, mma.sync, quad shuffles;
+// csrc/common/warp_mma.cuh) emulated from their PTX fragment layouts. tests/csrc/sparse_attention_emulation.cu
+// runs every block of the grid on the CPU under AddressSanitizer.
 //
 // What a Hopper-native (sm_90a) version would add: TMA loads of the K/V tiles (a producer warp issues one
 // bulk tensor copy per 16..128-key block straight from kv_indices, mbarrier completion, hardware swizzle; the
@@ -53,7 +53,10 @@
 
 #include "block_sparse_attention.h"
 
-#include "sparse_attention_common.cuh"
+#include "../common/arg_checks.h"
+#include "../common/block_exec.cuh"
+#include "../common/device_helpers.cuh"
+#include "../common/warp_mma.cuh"
 
 #include <climits>
 #include <cmath>
@@ -63,7 +66,11 @@
 namespace efficient_ops {
 namespace block_sparse_detail {
 
-using namespace sparse_attention_detail;
+using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarps = kThreads / kWarp;
+using HostExec = HostBlockExec<kThreads>;  // the CPU emulation's executor
 
 constexpr int kBN = 64;        // slots (keys) per tile
 constexpr int kRowsMax = 64;   // query rows per block

@@ -35,12 +35,15 @@
 // the output.
 //
 // Emulation: both block programs (decode_block, merge_block) are __host__ __device__ and written against the
-// executor of sparse_attention_common.cuh; tests/csrc/sparse_attention_emulation.cu runs every block of both
-// grids on the CPU under AddressSanitizer.
+// executor of csrc/common/block_exec.cuh (warp collectives: csrc/common/warp_mma.cuh);
+// tests/csrc/sparse_attention_emulation.cu runs every block of both grids on the CPU under AddressSanitizer.
 
 #include "paged_sparse_decode.h"
 
-#include "sparse_attention_common.cuh"
+#include "../common/arg_checks.h"
+#include "../common/block_exec.cuh"
+#include "../common/device_helpers.cuh"
+#include "../common/warp_mma.cuh"
 
 #include <cmath>
 #include <cstdint>
@@ -49,7 +52,11 @@
 namespace efficient_ops {
 namespace paged_decode_detail {
 
-using namespace sparse_attention_detail;
+using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+
+constexpr int kThreads = 128;  // 4 warps per block
+constexpr int kWarps = kThreads / kWarp;
+using HostExec = HostBlockExec<kThreads>;  // the CPU emulation's executor
 
 constexpr int kTile = 64;          // slots per tile
 constexpr int kMinSplitTokens = 256;

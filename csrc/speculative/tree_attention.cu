@@ -41,8 +41,9 @@
 // 1 / l and the merge in float32; one rounding of the output.
 //
 // Emulation: the block programs (attention_block, merge_block) are __host__ __device__ and written against
-// an executor: block-wide phases (ex.each, ex.sync) and warp phases (ex.warp) in which per-lane code runs in
-// for_lanes and the warp collectives are helpers with a host version: ldsm_x4 (ldmatrix: the host version
+// an executor (csrc/common/block_exec.cuh): block-wide phases (ex.each, ex.sync) and warp phases (ex.warp) in
+// which per-lane code runs in for_lanes and the warp collectives are helpers with a host version
+// (csrc/common/warp_mma.cuh, shared with csrc/sparse_attention): ldsm_x4 (ldmatrix: the host version
 // takes the address function of all 32 lanes and returns this lane's words as the PTX fragment layout
 // defines them), warp_mma (mma.sync m16n8k16: the host version gathers the 32 lanes' A, B, C fragments,
 // multiplies the 16 x 16 x 8 tile and scatters D back), quad_max / quad_sum (the two xor shuffles).
@@ -58,14 +59,13 @@
 
 #include "tree_attention.h"
 
+#include "../common/arg_checks.h"
+#include "../common/block_exec.cuh"
 #include "../common/device_helpers.cuh"
+#include "../common/warp_mma.cuh"
 
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <memory>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -75,8 +75,9 @@
 namespace efficient_ops {
 namespace tree_attention_detail {
 
+using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+
 constexpr int kThreads = 128;
-constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kBM = 16 * kWarps;  // query rows per block: 16 per warp
 constexpr int kBN = 64;           // keys per tile
@@ -89,268 +90,8 @@ constexpr int kBlocksPerSM = 2;    // resident attention blocks per SM at D = 12
 template <int D>
 constexpr int kMinBlocksPerSM = D == 64 ? 3 : 2;
 constexpr int kMergeRows = kWarps; // output rows per merge block (a warp each)
-constexpr float kLog2e = 1.4426950408889634f;
 
-// ---- element type ------------------------------------------------------------------------------
-
-template <bool kBF16>
-struct Elem;
-
-template <>
-struct Elem<false> {  // float16
-  EO_HD static float to_float(uint16_t u) { return half_bits_to_float(u); }
-  EO_HD static uint16_t from_float(float f) {
-    const __half_raw raw = __float2half_rn(f);
-    return raw.x;
-  }
-};
-
-template <>
-struct Elem<true> {  // bfloat16
-  EO_HD static float to_float(uint16_t u) { return bf16_bits_to_float(u); }
-  EO_HD static uint16_t from_float(float f) {
-    const __nv_bfloat16_raw raw = __float2bfloat16_rn(f);
-    return raw.x;
-  }
-};
-
-// Two floats rounded to the dtype, packed as an mma operand word (lower index in the low half).
-template <bool kBF16>
-EO_HD uint32_t pack2(float lo, float hi) {
-  return uint32_t(Elem<kBF16>::from_float(lo)) | (uint32_t(Elem<kBF16>::from_float(hi)) << 16);
-}
-
-// ---- memory helpers (host versions for the CPU emulation) ---------------------------------------
-
-[[noreturn]] inline void emulation_fail(const char* what) {
-  std::fprintf(stderr, "tree_attention emulation: %s\n", what);
-  std::abort();
-}
-
-EO_HD int64_t ld_i64(const int64_t* p) {
-#ifdef __CUDA_ARCH__
-  return __ldg(reinterpret_cast<const long long*>(p));
-#else
-  return *p;
-#endif
-}
-
-EO_HD void st_shared_u128(void* dst, uint4 v) {
-#ifdef __CUDA_ARCH__
-  *reinterpret_cast<uint4*>(dst) = v;
-#else
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emulation_fail("misaligned 16-byte shared store");
-  std::memcpy(dst, &v, sizeof(v));
-#endif
-}
-
-// 16 bytes global -> shared, asynchronously (cp.async.cg: L2 only; K/V are shared between blocks via L2).
-EO_HD void cp_async16(void* dst, const void* src) {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(uint32_t(__cvta_generic_to_shared(dst))),
-               "l"(src)
-               : "memory");
-#else
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || reinterpret_cast<uintptr_t>(src) % 16 != 0)
-    emulation_fail("misaligned cp.async");
-  std::memcpy(dst, src, 16);
-#endif
-}
-
-EO_HD void cp_async_commit() {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-// Waits until at most N of this thread's committed groups are still in flight (the host copies at once).
-template <int N>
-EO_HD void cp_async_wait() {
-#ifdef __CUDA_ARCH__
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
-// 8 elements of a row that may be misaligned for 16 bytes, packed like a 16-byte load.
-EO_HD uint4 ld_row8_scalar(const uint16_t* p) {
-  uint32_t w[4];
-#pragma unroll
-  for (int e = 0; e < 4; ++e) w[e] = uint32_t(load_u16(p + 2 * e)) | (uint32_t(load_u16(p + 2 * e + 1)) << 16);
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// ---- warp collectives (host versions: the whole warp at once, from the PTX fragment layouts) -------
-
-// Runs f(lane) for this thread's lane (device) or for every lane in turn (host), inside a warp phase.
-template <class F>
-EO_HD void for_lanes(F&& f) {
-#ifdef __CUDA_ARCH__
-  f(int(threadIdx.x) % kWarp);
-#else
-  for (int l = 0; l < kWarp; ++l) f(l);
-#endif
-}
-
-// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane j supplies addr(j), the start of row j % 8 of
-// matrix j / 8 (8 contiguous 16-bit elements, 16-byte aligned). Returns lane `lane`'s word of each matrix:
-// without .trans the elements (row lane / 4, columns 2 (lane % 4), +1); with .trans (rows 2 (lane % 4), +1,
-// column lane / 4); the lower index in the low half.
-template <bool kTrans, class AddrF>
-EO_HD uint4 ldsm_x4(int lane, AddrF&& addr) {
-#ifdef __CUDA_ARCH__
-  const uint32_t a = uint32_t(__cvta_generic_to_shared(addr(lane)));
-  uint4 r;
-  if constexpr (kTrans)
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "r"(a));
-  else
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "r"(a));
-  return r;
-#else
-  uint32_t w[4];
-  for (int i = 0; i < 4; ++i) {
-    for (int j = 0; j < 8; ++j)
-      if (reinterpret_cast<uintptr_t>(addr(8 * i + j)) % 16 != 0) emulation_fail("misaligned ldmatrix row");
-    if (kTrans) {
-      const uint16_t* r0 = addr(8 * i + 2 * (lane % 4));
-      const uint16_t* r1 = addr(8 * i + 2 * (lane % 4) + 1);
-      w[i] = uint32_t(r0[lane / 4]) | (uint32_t(r1[lane / 4]) << 16);
-    } else {
-      const uint16_t* row = addr(8 * i + lane / 4);
-      w[i] = uint32_t(row[2 * (lane % 4)]) | (uint32_t(row[2 * (lane % 4) + 1]) << 16);
-    }
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-#endif
-}
-
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: D = A B + C for the warp, with lane l (g = l / 4,
-// c = 2 (l % 4)) holding A words {(g, c), (g + 8, c), (g, c + 8), (g + 8, c + 8)} (each two adjacent
-// columns), B words {(k = c, n = g), (k = c + 8, n = g)} (two adjacent k) and C/D floats (g, c), (g, c + 1),
-// (g + 8, c), (g + 8, c + 1). c_of(l) -> float (&)[4], a_of(l) -> uint4, b_of(l) -> uint2.
-template <bool kBF16, class CF, class AF, class BF>
-EO_HD void warp_mma(CF&& c_of, AF&& a_of, BF&& b_of) {
-#ifdef __CUDA_ARCH__
-  const int lane = int(threadIdx.x) % kWarp;
-  float(&c)[4] = c_of(lane);
-  const uint4 a = a_of(lane);
-  const uint2 b = b_of(lane);
-  if constexpr (kBF16)
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y));
-  else
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b.x), "r"(b.y));
-#else
-  using E = Elem<kBF16>;
-  float A[16][16], B[16][8], C[16][8];
-  const auto lo = [](uint32_t w) { return E::to_float(uint16_t(w)); };
-  const auto hi = [](uint32_t w) { return E::to_float(uint16_t(w >> 16)); };
-  for (int l = 0; l < kWarp; ++l) {
-    const int g = l / 4, c = 2 * (l % 4);
-    const uint4 a = a_of(l);
-    A[g][c] = lo(a.x), A[g][c + 1] = hi(a.x);
-    A[g + 8][c] = lo(a.y), A[g + 8][c + 1] = hi(a.y);
-    A[g][c + 8] = lo(a.z), A[g][c + 9] = hi(a.z);
-    A[g + 8][c + 8] = lo(a.w), A[g + 8][c + 9] = hi(a.w);
-    const uint2 b = b_of(l);
-    B[c][g] = lo(b.x), B[c + 1][g] = hi(b.x);
-    B[c + 8][g] = lo(b.y), B[c + 9][g] = hi(b.y);
-    const float(&cc)[4] = c_of(l);
-    C[g][c] = cc[0], C[g][c + 1] = cc[1], C[g + 8][c] = cc[2], C[g + 8][c + 1] = cc[3];
-  }
-  for (int m = 0; m < 16; ++m)
-    for (int n = 0; n < 8; ++n) {
-      float acc = C[m][n];
-      for (int k = 0; k < 16; ++k) acc = fmaf(A[m][k], B[k][n], acc);  // products exact in float32
-      C[m][n] = acc;
-    }
-  for (int l = 0; l < kWarp; ++l) {
-    const int g = l / 4, c = 2 * (l % 4);
-    float(&cc)[4] = c_of(l);
-    cc[0] = C[g][c], cc[1] = C[g][c + 1], cc[2] = C[g + 8][c], cc[3] = C[g + 8][c + 1];
-  }
-#endif
-}
-
-// Max / sum over the 4 lanes of each quad (the lanes holding one accumulator row): xor shuffles 1 then 2.
-template <class F>
-EO_HD void quad_max(F&& ref) {
-#ifdef __CUDA_ARCH__
-  float& v = ref(int(threadIdx.x) % kWarp);
-  v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 1));
-  v = fmaxf(v, __shfl_xor_sync(0xFFFFFFFFu, v, 2));
-#else
-  for (int q = 0; q < kWarp; q += 4) {
-    const float m = fmaxf(fmaxf(ref(q), ref(q + 1)), fmaxf(ref(q + 2), ref(q + 3)));
-    for (int l = q; l < q + 4; ++l) ref(l) = m;
-  }
-#endif
-}
-
-template <class F>
-EO_HD void quad_sum(F&& ref) {
-#ifdef __CUDA_ARCH__
-  float& v = ref(int(threadIdx.x) % kWarp);
-  v += __shfl_xor_sync(0xFFFFFFFFu, v, 1);
-  v += __shfl_xor_sync(0xFFFFFFFFu, v, 2);
-#else
-  for (int q = 0; q < kWarp; q += 4) {
-    const float s = (ref(q) + ref(q + 1)) + (ref(q + 2) + ref(q + 3));  // the device's order, for each lane
-    for (int l = q; l < q + 4; ++l) ref(l) = s;
-  }
-#endif
-}
-
-// ---- executors ------------------------------------------------------------------------------------
-
-struct DeviceExec {
-  template <class S>
-  struct PerThread {
-    S s;
-    __device__ __forceinline__ S& operator[](int) { return s; }
-  };
-  template <class F>
-  __device__ __forceinline__ void each(F&& f) const {
-    f(int(threadIdx.x));
-  }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  template <class F>
-  __device__ __forceinline__ void warp(F&& f) const {
-    f(int(threadIdx.x) / kWarp);
-  }
-};
-
-#ifndef __CUDA_ARCH__
-// CPU emulation: each phase runs for threads 0..127 (or warps 0..3) in turn; a barrier is a phase boundary.
-struct HostExec {
-  template <class S>
-  struct PerThread {
-    std::unique_ptr<S[]> s{new S[kThreads]};
-    PerThread() { std::memset(static_cast<void*>(s.get()), 0xFF, sizeof(S) * kThreads); }  // garbage registers
-    S& operator[](int t) {
-      if (t < 0 || t >= kThreads) std::abort();
-      return s[t];
-    }
-  };
-  template <class F>
-  void each(F&& f) const {
-    for (int t = 0; t < kThreads; ++t) f(t);
-  }
-  void sync() const {}
-  template <class F>
-  void warp(F&& f) const {
-    for (int w = 0; w < kWarps; ++w) f(w);
-  }
-};
-#endif
+using HostExec = HostBlockExec<kThreads>;  // the CPU emulation's executor
 
 // ---- kernel arguments, prepared on the host (make_params) ---------------------------------------
 
@@ -784,8 +525,6 @@ __global__ void __launch_bounds__(kThreads) tree_attention_merge_kernel(const Pa
 
 // ---- host-side preparation, shared by the launcher and the CPU emulation -----------------------
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Prefix positions per split (a multiple of the key tile) for the largest prefix S_max - T.
 inline int64_t chunk_for(int64_t S_max, int64_t T, int64_t splits) {
   const int64_t prefix_max = S_max - T > 0 ? S_max - T : 0;
@@ -806,12 +545,6 @@ inline WorkspaceLayout workspace_layout(int64_t B, int64_t Hq, int64_t T, int64_
 }
 
 inline Params make_params(const TreeAttentionArgs& a) {
-  const auto aligned = [](const void* ptr, uintptr_t n) { return reinterpret_cast<uintptr_t>(ptr) % n == 0; };
-  const auto strides_mult = [](const int64_t* s, int n, int64_t m) {
-    for (int i = 0; i < n; ++i)
-      if (s[i] % m != 0) return false;
-    return true;
-  };
   Params p{};
   p.q = static_cast<const uint16_t*>(a.q);
   p.k = static_cast<const uint16_t*>(a.k_cache);
@@ -841,10 +574,10 @@ inline Params make_params(const TreeAttentionArgs& a) {
   p.splits = int(a.num_splits);
   p.chunk = int(chunk_for(a.S_max, a.T, a.num_splits));
   p.tiles = int(cdiv(p.R, kBM));
-  p.q_vec = aligned(a.q, 16) && strides_mult(a.q_strides, 3, 8);
-  p.k_vec = aligned(a.k_cache, 16) && strides_mult(a.k_strides, 3, 8);
-  p.v_vec = aligned(a.v_cache, 16) && strides_mult(a.v_strides, 3, 8);
-  p.out_vec2 = aligned(a.out, 4) && strides_mult(a.out_strides, 3, 2);
+  p.q_vec = !misaligned(a.q, 16) && strides_multiple_of(a.q_strides, 3, 8);
+  p.k_vec = !misaligned(a.k_cache, 16) && strides_multiple_of(a.k_strides, 3, 8);
+  p.v_vec = !misaligned(a.v_cache, 16) && strides_multiple_of(a.v_strides, 3, 8);
+  p.out_vec2 = !misaligned(a.out, 4) && strides_multiple_of(a.out_strides, 3, 2);
   return p;
 }
 
@@ -889,10 +622,9 @@ int64_t tree_attention_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t
 
 namespace {
 
-bool misaligned(const void* p, uintptr_t alignment) { return reinterpret_cast<uintptr_t>(p) % alignment != 0; }
-
-// Strides in [0, 2^40) and the largest element offset of [n0, n1, n2, D] below 2^62.
-bool strides_ok(const int64_t* s, int64_t n0, int64_t n1, int64_t n2, int64_t D) {
+// Strides in [0, 2^40) and the largest element offset of [n0, n1, n2, D] below 2^62. (Kept apart from
+// common_detail::strides_ok, which sums the extent in another order.)
+bool strides3_ok(const int64_t* s, int64_t n0, int64_t n1, int64_t n2, int64_t D) {
   for (int i = 0; i < 3; ++i)
     if (s[i] < 0 || s[i] >= (int64_t(1) << 40)) return false;
   const double extent = double(n0 - 1) * double(s[0]) + double(n1 - 1) * double(s[1]) +
@@ -914,10 +646,10 @@ const char* tree_attention_check(const TreeAttentionArgs& a) {
   if (a.num_splits < 1 || a.num_splits > kTreeAttentionMaxSplits) return "num_splits must be in 1..1024";
   if (a.Hq * a.T >= (int64_t(1) << 30) || a.B * a.Hq * a.T >= (int64_t(1) << 40))
     return "Hq * T (query rows per batch row) must be < 2^30";
-  if (!strides_ok(a.q_strides, a.B, a.Hq, a.T, a.D)) return "q_strides must be 3 values in [0, 2^40)";
-  if (!strides_ok(a.k_strides, a.B, a.Hkv, a.S_max, a.D)) return "k_strides must be 3 values in [0, 2^40)";
-  if (!strides_ok(a.v_strides, a.B, a.Hkv, a.S_max, a.D)) return "v_strides must be 3 values in [0, 2^40)";
-  if (!strides_ok(a.out_strides, a.B, a.Hq, a.T, a.D)) return "out_strides must be 3 values in [0, 2^40)";
+  if (!strides3_ok(a.q_strides, a.B, a.Hq, a.T, a.D)) return "q_strides must be 3 values in [0, 2^40)";
+  if (!strides3_ok(a.k_strides, a.B, a.Hkv, a.S_max, a.D)) return "k_strides must be 3 values in [0, 2^40)";
+  if (!strides3_ok(a.v_strides, a.B, a.Hkv, a.S_max, a.D)) return "v_strides must be 3 values in [0, 2^40)";
+  if (!strides3_ok(a.out_strides, a.B, a.Hq, a.T, a.D)) return "out_strides must be 3 values in [0, 2^40)";
   if (a.parents_batch_stride < 0 || a.parents_batch_stride >= (int64_t(1) << 40))
     return "parents_batch_stride must be in [0, 2^40)";
   if (!std::isfinite(a.scale)) return "scale must be finite";

@@ -35,7 +35,7 @@
 #include <vector>
 
 using namespace efficient_ops;
-using sparse_attention_detail::cdiv;
+using common_detail::cdiv;
 #ifndef __CUDA_ARCH__  // host-only harness (nvcc also parses it in the device pass)
 
 static uint16_t f2h(float f, bool bf16) {

@@ -1,35 +1,35 @@
-// Device helpers shared by the sparse-attention kernels (block_sparse_attention.cu, paged_sparse_decode.cu).
-// Every helper has a host version, so that tests/csrc/sparse_attention_emulation.cu can run the kernels'
-// own block programs on the CPU: warp collectives (ldmatrix, mma.sync m16n8k16, shuffles) are emulated from
-// their PTX fragment layouts, for the whole warp at once.
-//
-// This is a private copy of helpers that csrc/speculative/tree_attention.cu also defines (ldsm_x4, warp_mma,
-// quad_max / quad_sum, cp.async, executors); they are meant to move to csrc/common once both families settle.
+// Warp-level tensor-core helpers shared by the attention kernel families (csrc/speculative/tree_attention.cu,
+// csrc/sparse_attention/*.cu), in namespace efficient_ops::common_detail:
+//   * Elem<kBF16> (float16 / bfloat16 bits <-> float), pack2 (an mma operand word), unpack8;
+//   * memory helpers: __ldg loads of indices, 16-byte shared / global accesses, cp.async (16 bytes, commit,
+//     wait), 8-element row loads for rows that are not 16-byte aligned;
+//   * warp collectives: ldsm_x4 (ldmatrix.x4[.trans]), warp_mma (mma.sync m16n8k16, f32 accumulate), quad_max
+//     / quad_sum (the 4 lanes of an accumulator row), warp_allreduce (xor butterfly over 32 lanes).
+// Every helper has a host version, so that the CPU emulations (tests/csrc/*_emulation.cu) can run the
+// kernels' own block programs (see block_exec.cuh): the warp collectives take per-lane accessors (lane ->
+// address / fragment / value) and, on the host, act for the whole warp at once as the PTX fragment layouts
+// define; the memory helpers check on the host the alignment the device instruction requires.
 #pragma once
 
-#include "../common/device_helpers.cuh"
+#include "block_exec.cuh"
+#include "device_helpers.cuh"
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 namespace efficient_ops {
-namespace sparse_attention_detail {
+namespace common_detail {
 
-constexpr int kWarp = 32;
-constexpr int kThreads = 128;  // both kernels: 4 warps per block
-constexpr int kWarps = kThreads / kWarp;
+// Softmax in the log2 domain: exp(x) = exp2(x * kLog2e), ln(l) = log2(l) * kLn2.
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // ---- element type ------------------------------------------------------------------------------
 
@@ -73,8 +73,9 @@ EO_HD void unpack8(const uint4& v, float (&f)[8]) {
 
 // ---- memory helpers (host versions for the CPU emulation) ---------------------------------------
 
+// Aborts the CPU emulation (a misaligned access that the device instruction would fault on, etc.).
 [[noreturn]] inline void emulation_fail(const char* what) {
-  std::fprintf(stderr, "sparse_attention emulation: %s\n", what);
+  std::fprintf(stderr, "efficient_ops emulation: %s\n", what);
   std::abort();
 }
 
@@ -94,14 +95,17 @@ EO_HD int ld_i32(const int32_t* p) {
 #endif
 }
 
-EO_HD void st_shared_u128(void* dst, uint4 v) {
+// 16 bytes to a 16-byte aligned address (the host checks it; `misaligned_what` is the emulation's message).
+EO_HD void st_u128(void* dst, uint4 v, const char* misaligned_what) {
 #ifdef __CUDA_ARCH__
   *reinterpret_cast<uint4*>(dst) = v;
 #else
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emulation_fail("misaligned 16-byte shared store");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emulation_fail(misaligned_what);
   std::memcpy(dst, &v, sizeof(v));
 #endif
 }
+
+EO_HD void st_shared_u128(void* dst, uint4 v) { st_u128(dst, v, "misaligned 16-byte shared store"); }
 
 EO_HD uint4 ld_shared_u128(const void* src) {
 #ifdef __CUDA_ARCH__
@@ -114,7 +118,8 @@ EO_HD uint4 ld_shared_u128(const void* src) {
 #endif
 }
 
-// 16 bytes global -> shared, asynchronously (cp.async.cg: L2 only, no L1 allocation).
+// 16 bytes global -> shared, asynchronously (cp.async.cg: L2 only, no L1 allocation; K/V tiles that several
+// blocks read are shared through L2).
 EO_HD void cp_async16(void* dst, const void* src) {
 #ifdef __CUDA_ARCH__
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(uint32_t(__cvta_generic_to_shared(dst))),
@@ -150,26 +155,9 @@ EO_HD uint4 ld_row8_scalar(const uint16_t* p) {
 }
 
 // 16 bytes to global memory (the address must be 16-byte aligned).
-EO_HD void st_global_u128(uint16_t* dst, uint4 v) {
-#ifdef __CUDA_ARCH__
-  *reinterpret_cast<uint4*>(dst) = v;
-#else
-  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0) emulation_fail("misaligned 16-byte global store");
-  std::memcpy(dst, &v, sizeof(v));
-#endif
-}
+EO_HD void st_global_u128(uint16_t* dst, uint4 v) { st_u128(dst, v, "misaligned 16-byte global store"); }
 
 // ---- warp collectives (host versions: the whole warp at once, from the PTX fragment layouts) -------
-
-// Runs f(lane) for this thread's lane (device) or for every lane in turn (host), inside a warp phase.
-template <class F>
-EO_HD void for_lanes(F&& f) {
-#ifdef __CUDA_ARCH__
-  f(int(threadIdx.x) % kWarp);
-#else
-  for (int l = 0; l < kWarp; ++l) f(l);
-#endif
-}
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane j supplies addr(j), the start of row j % 8 of
 // matrix j / 8 (8 contiguous 16-bit elements, 16-byte aligned). Returns lane `lane`'s word of each matrix:
@@ -311,70 +299,5 @@ EO_HD void warp_allreduce(F&& ref) {
 #endif
 }
 
-// ---- executors ------------------------------------------------------------------------------------
-// A block program is a sequence of block-wide phases (ex.each: per thread) and warp phases (ex.warp: per
-// warp, with per-lane code in for_lanes), separated by barriers (ex.sync).
-
-struct DeviceExec {
-  template <class S>
-  struct PerThread {
-    S s;
-    __device__ __forceinline__ S& operator[](int) { return s; }
-  };
-  template <class F>
-  __device__ __forceinline__ void each(F&& f) const {
-    f(int(threadIdx.x));
-  }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  template <class F>
-  __device__ __forceinline__ void warp(F&& f) const {
-    f(int(threadIdx.x) / kWarp);
-  }
-};
-
-#ifndef __CUDA_ARCH__
-// CPU emulation: each phase runs for threads 0..127 (or warps 0..3) in turn; a barrier is a phase boundary.
-struct HostExec {
-  template <class S>
-  struct PerThread {
-    std::unique_ptr<S[]> s{new S[kThreads]};
-    PerThread() { std::memset(static_cast<void*>(s.get()), 0xFF, sizeof(S) * kThreads); }  // garbage registers
-    S& operator[](int t) {
-      if (t < 0 || t >= kThreads) std::abort();
-      return s[t];
-    }
-  };
-  template <class F>
-  void each(F&& f) const {
-    for (int t = 0; t < kThreads; ++t) f(t);
-  }
-  void sync() const {}
-  template <class F>
-  void warp(F&& f) const {
-    for (int w = 0; w < kWarps; ++w) f(w);
-  }
-};
-#endif
-
-// ---- host-side argument helpers ------------------------------------------------------------------
-
-inline bool misaligned(const void* p, uintptr_t alignment) { return reinterpret_cast<uintptr_t>(p) % alignment != 0; }
-
-// n strides in [0, 2^40) and the largest element offset of sizes[0..n) x inner below 2^62.
-inline bool strides_ok(const int64_t* s, const int64_t* sizes, int n, int64_t inner) {
-  double extent = double(inner);
-  for (int i = 0; i < n; ++i) {
-    if (s[i] < 0 || s[i] >= (int64_t(1) << 40)) return false;
-    extent += double(sizes[i] > 0 ? sizes[i] - 1 : 0) * double(s[i]);
-  }
-  return extent < 4.0e18;
-}
-
-inline bool strides_multiple_of(const int64_t* s, int n, int64_t m) {
-  for (int i = 0; i < n; ++i)
-    if (s[i] % m != 0) return false;
-  return true;
-}
-
-}  // namespace sparse_attention_detail
+}  // namespace common_detail
 }  // namespace efficient_ops
