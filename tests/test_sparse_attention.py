@@ -486,3 +486,19 @@ def test_cuda_runners_pass_the_extension_checks(monkeypatch):
     pages = sa.select_pages(qd, sa.PageSummary.build(kc, seq_lens, 16), seq_lens, 64)
     with pytest.raises(RuntimeError, match="paged_sparse_decode: CUDA launch failed"):
         ops._run_decode_cuda(qd, kc, vc, seq_lens, pages, 16, 0.1)
+
+
+def test_block_sparse_and_decode_under_torch_compile():
+    q, k, v = qkv(1, 2, 1, 40, 40, 16, torch.float32, seed=0)
+    m = random_mask((1, 2), 16, 16, 40, 40, True, 0.5, seed=0)
+    qd, kc, vc, seq_lens = decode_inputs(2, 4, 2, 64, 16, [64, 10], torch.float32, seed=0)
+    summary = sa.PageSummary.build(kc, seq_lens, 16)
+
+    def step(q, k, v, qd):
+        o, lse = eo.block_sparse_attention(q, k, v, m, return_lse=True, backend="reference")
+        return o, lse, eo.sparse_decode_attention(qd, kc, vc, seq_lens, summary, 32, backend="reference")
+
+    want = step(q, k, v, qd)
+    got = torch.compile(step, fullgraph=True)(q, k, v, qd)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)  # equal -inf lse entries count as close

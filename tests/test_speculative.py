@@ -544,3 +544,21 @@ def test_cuda_runners_pass_the_extension_checks(monkeypatch):
     with pytest.raises(RuntimeError, match="compact_kv: CUDA launch failed"):
         ops._run_compact_kv_cuda(k5, k5.clone(), torch.tensor([0, 5]), torch.tensor([[0, 2, 5], [0, 1, -1]]),
                                  torch.tensor([2, 1]))
+
+
+def test_tree_attention_and_compact_kv_under_torch_compile():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = attention_inputs(2, 4, 2, 5, 16, 30, torch.float32, gen)
+    parents, prefix_lens = make_parents("per_row", 2, 5, gen), torch.tensor([3, 25])
+
+    def step(q, k, v):
+        o = eo.tree_attention(q, k, v, prefix_lens, parents, backend="reference")
+        new = eo.compact_kv(k, v, prefix_lens, torch.tensor([[0, 2, -1], [0, 1, 4]]), torch.tensor([1, 2]),
+                            backend="reference")
+        return o, new
+
+    want_k, want_v = k.clone(), v.clone()
+    want = step(q, want_k, want_v)
+    got = torch.compile(step, fullgraph=True)(q, k, v)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
