@@ -22,11 +22,11 @@ The KV cache is contiguous: ``[B, Hkv, S_max, D]`` with ``seq_lens`` [B].
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 BLOCK_SIZES = (16, 32, 64, 128)
 PAGE_SIZES = (16, 64)
@@ -167,6 +167,13 @@ def _gqa_keys(k: torch.Tensor, n_heads: int) -> torch.Tensor:
     return k.repeat_interleave(n_heads // k.shape[1], dim=1)
 
 
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per KV head."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"q: {q.shape[1]} heads is not a multiple of k's {k.shape[1]} KV heads")
+    return q.shape[1] // k.shape[1]
+
+
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over blocks of ``block`` rows along dim 2 (the last block may be short), float32."""
     b, h, s, d = x.shape
@@ -228,22 +235,24 @@ def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int, n_slash: i
     """
     _check_qk(q, k)
     b, h, q_len, d = q.shape
-    kv_len = k.shape[2]
+    kv_len, group = k.shape[2], _group(q, k)
     scale = d ** -0.5 if scale is None else scale
     last_q = min(last_q, q_len)
-    offset = kv_len - q_len
-    pos = torch.arange(q_len - last_q, q_len, device=q.device) + offset
+    pos = torch.arange(q_len - last_q, q_len, device=q.device) + (kv_len - q_len)
     keys = torch.arange(kv_len, device=q.device)
-    scores = (q[:, :, -last_q:].float() @ _gqa_keys(k, h).float().transpose(-1, -2)) * scale
-    attn = torch.softmax(scores.masked_fill(keys[None, :] > pos[:, None], float("-inf")), -1)
-    vertical = attn.sum(2)  # [B, H, S]
-    diagonal = (pos[:, None] - keys[None, :]).clamp_min(0).expand(b, h, -1, -1)
-    slash = torch.zeros(b, h, kv_len, device=q.device).scatter_add_(-1, diagonal.reshape(b, h, -1),
-                                                                     attn.reshape(b, h, -1))
-    vertical[..., 0] = float("inf")
-    slash[..., 0] = float("inf")
-    columns = vertical.topk(min(max(n_vertical, 1), kv_len), -1).indices
-    diagonals = slash.topk(min(max(n_slash, 1), kv_len), -1).indices.sort(-1).values
+    future = keys[None, :] > pos[:, None]
+    offsets = (pos[:, None] - keys[None, :]).clamp_min(0).flatten()  # the diagonal of each (row, key)
+    columns, diagonals = [], []
+    for head in range(h):  # one head at a time: [B, last_q, S] scores at most
+        scores = (q[:, head, -last_q:].float() @ k[:, head // group].float().transpose(-1, -2)) * scale
+        attn = torch.softmax(scores.masked_fill(future, float("-inf")), -1)
+        vertical = attn.sum(1)  # [B, S]
+        slash = torch.zeros(b, kv_len, device=q.device).scatter_add_(1, offsets.expand(b, -1), attn.reshape(b, -1))
+        vertical[:, 0] = float("inf")
+        slash[:, 0] = float("inf")
+        columns.append(vertical.topk(min(max(n_vertical, 1), kv_len), -1).indices)
+        diagonals.append(slash.topk(min(max(n_slash, 1), kv_len), -1).indices.sort(-1).values)
+    columns, diagonals = torch.stack(columns, 1), torch.stack(diagonals, 1)  # [B, H, n]
 
     first, last = _query_positions(q_len, kv_len, block_m, q.device)
     key_start = torch.arange(0, kv_len, block_n, device=q.device)
@@ -275,14 +284,16 @@ def anchor(q: torch.Tensor, k: torch.Tensor, theta: float, block_m: int = 64, bl
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
     scale = d ** -0.5 if scale is None else scale
-    nk = _blocks(kv_len, block_n)
+    nk, group = _blocks(kv_len, block_n), _group(q, k)
     _, last = _query_positions(q_len, kv_len, block_m, q.device)
-    keys = torch.arange(kv_len, device=q.device)
-    scores = (_pool(q, block_m) @ _gqa_keys(k, h).float().transpose(-1, -2)) * scale  # [B, H, Mq, S]
-    scores = scores.masked_fill(keys[None, :] > last[:, None], float("-inf"))
-    padded = torch.full((b, h, len(last), nk * block_n), float("-inf"), device=q.device)
-    padded[..., :kv_len] = scores
-    block_max = padded.view(b, h, len(last), nk, block_n).amax(-1)  # [B, H, Mq, Nk]
+    future = torch.arange(kv_len, device=q.device)[None, :] > last[:, None]
+    pooled = _pool(q, block_m)  # [B, H, Mq, D]
+    block_max = []
+    for head in range(h):  # one head at a time: [B, Mq, S] scores at most
+        scores = (pooled[:, head] @ k[:, head // group].float().transpose(-1, -2)) * scale
+        scores = F.pad(scores.masked_fill(future, float("-inf")), (0, nk * block_n - kv_len), value=float("-inf"))
+        block_max.append(scores.view(b, len(last), nk, block_n).amax(-1))
+    block_max = torch.stack(block_max, 1)  # [B, H, Mq, Nk]
     n = torch.arange(nk, device=q.device)
     diagonal = (last // block_n)[:, None]
     always = (n[None, :] < init_blocks) | ((n[None, :] <= diagonal) & (n[None, :] > diagonal - local_blocks))
@@ -339,20 +350,20 @@ def centroid_select(q: torch.Tensor, centroids: torch.Tensor, cluster_of_key: to
     kv_len, n_clusters = cluster_of_key.shape[2], centroids.shape[2]
     scale = d ** -0.5 if scale is None else scale
     scores = (_pool(q, block_m) @ _gqa_keys(centroids.float(), h).transpose(-1, -2)) * scale  # [B, H, Mq, C]
-    assign = _gqa_keys(cluster_of_key[..., None], h)[..., 0]  # [B, H, S]
     if top_k is not None:
         best = scores.topk(min(top_k, n_clusters), -1).indices
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
     else:
-        ones = torch.ones_like(assign, dtype=torch.float)
-        sizes = torch.zeros(b, h, n_clusters, device=q.device).scatter_add_(-1, assign, ones)
-        mass = torch.softmax(scores + torch.log(sizes)[:, :, None, :], -1)
+        ones = torch.ones_like(cluster_of_key, dtype=torch.float)
+        sizes = torch.zeros(*centroids.shape[:3], device=q.device).scatter_add_(-1, cluster_of_key, ones)
+        mass = torch.softmax(scores + torch.log(_gqa_keys(sizes[..., None], h)[..., 0])[:, :, None, :], -1)
         chosen = mass >= threshold
-    keys_kept = chosen.gather(-1, assign[:, :, None, :].expand(-1, -1, scores.shape[2], -1))  # [B, H, Mq, S]
+    # which clusters each KV block holds, [B, Hkv, Nk, C]; a block is kept when it holds a chosen cluster
     nk = _blocks(kv_len, block_n)
-    padded = torch.zeros(*keys_kept.shape[:3], nk * block_n, dtype=torch.bool, device=q.device)
-    padded[..., :kv_len] = keys_kept
-    blocks = padded.view(*keys_kept.shape[:3], nk, block_n).any(-1)
+    slot = (torch.arange(kv_len, device=q.device) // block_n) * n_clusters + cluster_of_key
+    holds = torch.zeros(*centroids.shape[:2], nk * n_clusters, device=q.device).scatter_(-1, slot, 1.0)
+    holds = _gqa_keys(holds.view(*centroids.shape[:2], nk, n_clusters), h)
+    blocks = (chosen.float() @ holds.transpose(-1, -2)) > 0  # [B, H, Mq, Nk]
     if causal:
         _, last = _query_positions(q_len, kv_len, block_m, q.device)
         blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
