@@ -6,18 +6,22 @@
 //   ex.sync()                    a barrier (__syncthreads on the device, a phase boundary on the host);
 //   ex.warp([&](int w) { ... })  a warp phase: per-warp code for warp w, whose per-lane code runs in
 //                                for_lanes([&](int l) { ... }) and whose warp collectives are the helpers
-//                                of warp_mma.cuh (each with a host version for the whole warp at once).
+//                                of warp_mma.cuh (each with a host version for the whole warp at once);
+//   ex.ballot(pred, result)      a ballot phase: pred(t) for every thread, then result(t, bits) with the
+//                                ballot of t's warp (bit l: pred of lane l), as __ballot_sync over the warp.
 // Per-thread state that outlives a phase ("registers") lives in `typename Exec::template PerThread<S>`,
 // indexed by thread: one S per thread on the device, an array of kThreads of them on the host.
 //
 // DeviceExec runs each phase for the calling thread / warp only. HostBlockExec<kThreads> runs each
 // block-wide phase for threads 0 .. kThreads - 1 in turn and each warp phase for every warp in turn, so a
 // barrier needs no code: the next phase starts after every thread finished the previous one.
-// Used by csrc/speculative/tree_attention.cu and csrc/sparse_attention/*.cu (namespace common_detail).
+// Used by csrc/speculative/tree_attention.cu, csrc/sparse_attention/*.cu and csrc/rsparse/rsparse_gemv.cu
+// (namespace common_detail).
 #pragma once
 
 #include "device_helpers.cuh"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -54,6 +58,11 @@ struct DeviceExec {
   __device__ __forceinline__ void warp(F&& f) const {
     f(int(threadIdx.x) / kWarp);
   }
+  template <class P, class Q>
+  __device__ __forceinline__ void ballot(P&& pred, Q&& result) const {
+    const int t = int(threadIdx.x);
+    result(t, __ballot_sync(0xFFFFFFFFu, pred(t)));
+  }
 };
 
 // CPU emulation of a block of kThreads threads: each phase runs for threads 0 .. kThreads - 1 (or warps
@@ -82,6 +91,14 @@ struct HostBlockExec {
   template <class F>
   void warp(F&& f) const {
     for (int w = 0; w < kWarps; ++w) f(w);
+  }
+  template <class P, class Q>
+  void ballot(P&& pred, Q&& result) const {
+    for (int w = 0; w < kWarps; ++w) {
+      uint32_t bits = 0;
+      for (int l = 0; l < kWarp; ++l) bits |= uint32_t(bool(pred(w * kWarp + l))) << l;
+      for (int l = 0; l < kWarp; ++l) result(w * kWarp + l, bits);
+    }
   }
 };
 

@@ -1,6 +1,7 @@
 // Warp-level tensor-core helpers shared by the attention kernel families (csrc/speculative/tree_attention.cu,
 // csrc/sparse_attention/*.cu), in namespace efficient_ops::common_detail:
-//   * Elem<kBF16> (float16 / bfloat16 bits <-> float), pack2 (an mma operand word), unpack8;
+//   * Elem<kBF16> (float16 / bfloat16 bits <-> float; to_float2 widens both halves of a word, for
+//     csrc/rsparse/rsparse_gemv.cu), pack2 (an mma operand word), unpack8;
 //   * memory helpers: __ldg loads of indices, 16-byte shared / global accesses, cp.async (16 bytes, commit,
 //     wait), 8-element row loads for rows that are not 16-byte aligned;
 //   * warp collectives: ldsm_x4 (ldmatrix.x4[.trans]), warp_mma (mma.sync m16n8k16, f32 accumulate), quad_max
@@ -39,6 +40,10 @@ struct Elem;
 template <>
 struct Elem<false> {  // float16
   EO_HD static float to_float(uint16_t u) { return half_bits_to_float(u); }
+  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {  // lower index in the low half
+    lo = to_float(uint16_t(u));
+    hi = to_float(uint16_t(u >> 16));
+  }
   EO_HD static uint16_t from_float(float f) {
     const __half_raw raw = __float2half_rn(f);
     return raw.x;
@@ -48,6 +53,10 @@ struct Elem<false> {  // float16
 template <>
 struct Elem<true> {  // bfloat16: widening is a shift
   EO_HD static float to_float(uint16_t u) { return bf16_bits_to_float(u); }
+  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {
+    lo = as_float(u << 16);
+    hi = as_float(u & 0xFFFF0000u);
+  }
   EO_HD static uint16_t from_float(float f) {
     const __nv_bfloat16_raw raw = __float2bfloat16_rn(f);
     return raw.x;

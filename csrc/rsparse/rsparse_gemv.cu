@@ -62,14 +62,16 @@
 //   atomics flush subnormal results to zero (irrelevant at float16 / bfloat16 output precision). A
 //   non-finite weight in a row read for another row of x multiplies a zero there (NaN for inf * 0),
 //   as a masked dense product would.
-// The per-block program (run_block) is __host__ __device__ and written against an executor that
-// runs each phase for "this thread" on the GPU and for all 256 threads in turn on a CPU, with
-// barriers and ballots at phase boundaries, so tests/csrc/rsparse_gemv_emulation.cu runs the kernel's
-// own code block by block under AddressSanitizer.
+// The per-block program (run_block) is __host__ __device__ and written against the executors of
+// csrc/common/block_exec.cuh, which run each phase for "this thread" on the GPU and for all 256 threads
+// in turn on a CPU, with barriers and ballots at phase boundaries, so tests/csrc/rsparse_gemv_emulation.cu
+// runs the kernel's own code block by block under AddressSanitizer.
 
 #include "rsparse_gemv.h"
 
+#include "../common/block_exec.cuh"
 #include "../common/device_helpers.cuh"
+#include "../common/warp_mma.cuh"
 
 #include <atomic>
 #include <cmath>
@@ -77,7 +79,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 
 #include <cuda_bf16.h>
@@ -87,8 +88,12 @@
 namespace efficient_ops {
 namespace rsparse_gemv_detail {
 
+using common_detail::DeviceExec;     // the block executors (block_exec.cuh), with ballot phases
+using common_detail::Elem;           // float16 / bfloat16 bits <-> float (warp_mma.cuh)
+using common_detail::HostBlockExec;
+using common_detail::kWarp;
+
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int kVec = 8;                  // columns per thread: one 16-byte vector of T
 constexpr int kChunkMax = 2 * kThreads;  // channels (A, B) or ranks (C) per block at most
@@ -208,36 +213,6 @@ EO_HD int popc(uint32_t v) {
 #endif
 }
 
-// Element type T, as raw 16-bit patterns.
-template <bool kBF16>
-struct Elem;
-
-template <>
-struct Elem<false> {  // float16
-  EO_HD static float to_float(uint16_t u) { return half_bits_to_float(u); }
-  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {
-    lo = to_float(uint16_t(u));
-    hi = to_float(uint16_t(u >> 16));
-  }
-  EO_HD static uint16_t from_float(float f) {
-    const __half_raw raw = __float2half_rn(f);
-    return raw.x;
-  }
-};
-
-template <>
-struct Elem<true> {  // bfloat16: widening is a shift
-  EO_HD static float to_float(uint16_t u) { return bf16_bits_to_float(u); }
-  EO_HD static void to_float2(uint32_t u, float& lo, float& hi) {
-    lo = as_float(u << 16);
-    hi = as_float(u & 0xFFFF0000u);
-  }
-  EO_HD static uint16_t from_float(float f) {
-    const __nv_bfloat16_raw raw = __float2bfloat16_rn(f);
-    return raw.x;
-  }
-};
-
 // ---- kernel arguments, prepared on the host (make_params) ---------------------------------------
 
 struct Params {
@@ -281,52 +256,9 @@ struct ThreadState {
   float acc[MT][kVec];
 };
 
-// Executors: run_block's phases are lambdas of the thread index; barriers and ballots separate them.
-struct DeviceExec {
-  template <class S>
-  struct PerThread {
-    S s;
-    __device__ __forceinline__ S& operator[](int) { return s; }
-  };
-  template <class F>
-  __device__ __forceinline__ void each(F&& f) const {
-    f(int(threadIdx.x));
-  }
-  __device__ __forceinline__ void sync() const { __syncthreads(); }
-  template <class P, class Q>
-  __device__ __forceinline__ void ballot(P&& pred, Q&& result) const {
-    const int t = int(threadIdx.x);
-    result(t, __ballot_sync(0xFFFFFFFFu, pred(t)));
-  }
-};
-
-#ifndef __CUDA_ARCH__
-// CPU emulation: each phase runs for threads 0..255 in turn; a barrier is the phase boundary.
-struct HostExec {
-  template <class S>
-  struct PerThread {
-    std::unique_ptr<S[]> s{new S[kThreads]};
-    PerThread() { std::memset(static_cast<void*>(s.get()), 0xFF, sizeof(S) * kThreads); }  // garbage registers
-    S& operator[](int t) {
-      if (t < 0 || t >= kThreads) std::abort();
-      return s[t];
-    }
-  };
-  template <class F>
-  void each(F&& f) const {
-    for (int t = 0; t < kThreads; ++t) f(t);
-  }
-  void sync() const {}
-  template <class P, class Q>
-  void ballot(P&& pred, Q&& result) const {
-    for (int w = 0; w < kWarps; ++w) {
-      uint32_t bits = 0;
-      for (int l = 0; l < kWarp; ++l) bits |= uint32_t(bool(pred(w * kWarp + l))) << l;
-      for (int l = 0; l < kWarp; ++l) result(w * kWarp + l, bits);
-    }
-  }
-};
-#endif
+// run_block's phases run on common_detail's executors (block_exec.cuh): DeviceExec in the kernel,
+// HostExec in the CPU emulation.
+using HostExec = HostBlockExec<kThreads>;
 
 // ---- phases ------------------------------------------------------------------------------------
 
