@@ -46,6 +46,14 @@ def test_block_sparse_backends_match_reference(dtype, block_m, block_n, causal, 
         check(out, lse, ref, ref_lse)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_block_sparse_head_dim_256_on_triton(dtype):
+    q, k, v = qkv(1, 4, 2, 700, 900, 256, dtype, seed=2)
+    mask = sa.topk_blocks(q, k, density=0.4, block_m=64, block_n=64)
+    out, lse = eo.block_sparse_attention(q, k, v, mask, return_lse=True, backend="triton")
+    check(out, lse, *eo.block_sparse_attention(q, k, v, mask, return_lse=True, backend="reference"))
+
+
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_block_sparse_long_sequence_patterns(backend):
     if backend not in gpu_backends():

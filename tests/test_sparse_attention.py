@@ -107,6 +107,7 @@ CASES = [  # b, hq, hkv, sq, skv, d, block_m, block_n, mask dims, causal
     (2, 2, 2, 130, 130, 64, 64, 64, (1, 2), False),
     (1, 2, 2, 200, 150, 64, 128, 16, (1, 1), True),  # Sq > Skv: early rows see nothing
     (1, 1, 1, 100, 300, 64, 16, 128, (1, 1), False),
+    (1, 2, 1, 50, 70, 256, 32, 32, (1, 2), True),  # head_dim 256: Triton only
 ]
 
 
@@ -433,7 +434,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from efficient_ops.triton_kernels.sparse_attention import _block_sparse_attention, _paged_decode_split
+from efficient_ops.triton_kernels.sparse_attention import _block_sparse_attention, _paged_decode_split, num_warps
 
 def compile(fn, signature, const, warps):
     signature = {**signature, **dict.fromkeys(const, "constexpr")}
@@ -442,15 +443,15 @@ def compile(fn, signature, const, warps):
 
 ints = lambda *names: dict.fromkeys(names, "i32")
 for dtype in ("fp16", "bf16"):
-    for d in (64, 128):
+    for d in (64, 128, 256):
         for bm, bn in ((16, 16), (64, 64), (128, 128), (128, 32)):
             compile(_block_sparse_attention,
                     {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "v_ptr": "*" + dtype, "out_ptr": "*" + dtype,
                      "lse_ptr": "*fp32", "num_ptr": "*i32", "idx_ptr": "*i32",
                      **ints("sqb", "sqh", "sqs", "skb", "skh", "sks", "svb", "svh", "svs", "sob", "soh", "sos", "snb",
                             "snh", "sib", "sih", "sim", "n_heads", "G", "Sq", "Skv", "Nk"), "qk_scale": "fp32"},
-                    dict(CAUSAL=True, D=d, BLOCK_M=bm, BLOCK_N=bn), 4 if bm * bn <= 4096 else 8)
-        for page in (16, 64):
+                    dict(CAUSAL=True, D=d, BLOCK_M=bm, BLOCK_N=bn), num_warps(bm, bn, d))
+        for page in ((16, 64) if d < 256 else ()):
             compile(_paged_decode_split,
                     {"q_ptr": "*" + dtype, "k_ptr": "*" + dtype, "v_ptr": "*" + dtype, "seq_ptr": "*i64",
                      "pages_ptr": "*i32", "o_part": "*fp32", "lse_part": "*fp32",

@@ -72,6 +72,11 @@ def _block_sparse_attention(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, num_ptr, idx_
     tl.store(lse_ptr + (b * n_heads + h).to(tl.int64) * Sq + rows, lse, mask=row_ok)
 
 
+def num_warps(block_m: int, block_n: int, d: int) -> int:
+    """Warps per block-sparse program: 8 for large tiles or head_dim 256, else 4."""
+    return 8 if block_m * block_n > 64 * 64 or d > 128 else 4
+
+
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):
     """q [B, Hq, Sq, D], k, v [B, Hkv, Skv, D] (last dims contiguous), int32 kv_num_blocks [B|1, H|1, Mq] and
     kv_indices [B|1, H|1, Mq, Nk] (last dim contiguous). Returns (out [B, Hq, Sq, D], float32 lse [B, Hq, Sq])."""
@@ -90,7 +95,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n,
         v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         stride(kv_num_blocks, 0), stride(kv_num_blocks, 1), stride(kv_indices, 0), stride(kv_indices, 1),
         kv_indices.stride(2), hq, hq // hkv, sq, skv, nk, scale * LOG2E,
-        CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4 if block_m * block_n <= 64 * 64 else 8,
+        CAUSAL=causal, D=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps(block_m, block_n, d),
         num_stages=2)
     return out, lse
 

@@ -18,7 +18,7 @@ from ..sparse_attention import BLOCK_SIZES, PAGE_SIZES
 from . import lib
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-KERNEL_HEAD_DIMS = (64, 128)
+KERNEL_HEAD_DIMS = {"cuda": (64, 128), "triton": (64, 128, 256)}  # head_dim 256: block-sparse prefill on Triton
 CUDA_MAX_GROUP = 16  # query heads per KV head in the CUDA decode kernel
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
@@ -64,8 +64,9 @@ def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
         return None
     if q.dtype not in KERNEL_DTYPES:
         return f"the {backend} backend of {op} needs float16/bfloat16 (got {q.dtype})"
-    if q.shape[-1] not in KERNEL_HEAD_DIMS:
-        return f"the {backend} backend of {op} needs head_dim in {KERNEL_HEAD_DIMS} (got {q.shape[-1]})"
+    dims = KERNEL_HEAD_DIMS[backend] if op == "block_sparse_attention" else KERNEL_HEAD_DIMS["cuda"]
+    if q.shape[-1] not in dims:
+        return f"the {backend} backend of {op} needs head_dim in {dims} (got {q.shape[-1]})"
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             return f"the {backend} backend of {op} needs {name}'s last dimension contiguous"
