@@ -525,7 +525,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """Attention over exactly the keys of the KV blocks ``mask`` selects.
 
     Args:
-        q: ``[B, Hq, Sq, D]`` float16/bfloat16 (any float on the reference backend), D in 64, 128 on the kernels.
+        q: ``[B, Hq, Sq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels
+            (256 on triton).
         k, v: ``[B, Hkv, Skv, D]`` in q's dtype; Hq a multiple of Hkv (GQA).
         mask: a :class:`BlockSparseMask` with ``q_len = Sq``, ``kv_len = Skv`` and batch/head dims 1, B or Hq.
         scale: default ``D ** -0.5``.
