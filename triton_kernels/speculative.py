@@ -1,4 +1,4 @@
-"""Tree attention and KV compaction for speculative-decoding verification (see
+"""Tree attention, KV compaction and stochastic verification for speculative decoding (see
 :mod:`efficient_ops.ops.speculative` for the semantics).
 
 Tree attention runs flash-decoding style in two launches:
@@ -15,6 +15,9 @@ Tree attention runs flash-decoding style in two launches:
 Empty chunks (past a short prefix) write lse = -inf and o = 0, so the workspace needs no memset and the
 whole call has fixed shapes (CUDA-graph capturable). The prefix length is clamped to [0, S_max - T]
 in-kernel so that no input reads out of bounds (the op rejects such lengths outside graph capture).
+
+``_compact_kv``: one program per (layer, batch row, KV head) moves the accepted path's rows in order.
+``_verify_sampling_kernel``: one program per batch row walks the draft tree with the rejection rules.
 """
 
 import torch
