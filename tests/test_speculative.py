@@ -481,7 +481,7 @@ COMPILE_SCRIPT = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from efficient_ops.triton_kernels.merge import _merge_splits
+from efficient_ops.triton_kernels.attention import _merge_splits
 from efficient_ops.triton_kernels.speculative import (_compact_kv, _tree_attention_split, _verify_sampling_kernel,
                                                       blocks)
 

@@ -4,7 +4,7 @@
 KV blocks its mask row lists (work proportional to the selected blocks), FlashAttention-2 style online
 softmax in float32, the causal mask applied per element. A row that sees no key writes zeros and lse = -inf.
 
-``_paged_decode_split`` + :func:`merge.merge_partials`: flash-decoding over an explicit page list. A program
+``_paged_decode_split`` + :func:`attention.merge_partials`: flash-decoding over an explicit page list. A program
 takes one (batch row, KV head) and a contiguous share of its listed pages; the G query heads of the KV head
 share every K/V tile (padded to 16 rows for the dot). Each writes a float32 partial and lse; empty shares
 write lse = -inf, so there is no memset and the call has fixed shapes.
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .merge import LN2, merge_partials
+from .attention import finish, merge_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
 
@@ -51,24 +51,14 @@ def _block_sparse_attention(q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, num_ptr, idx_
         col_ok = (cols >= 0) & (cols < Skv)  # a garbage index (< 0 or >= Nk) reads nothing
         k = tl.load(k_base + cols[:, None].to(tl.int64) * sks + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None].to(tl.int64) * svs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = col_ok[None, :]
         if CAUSAL:
             visible = visible & (cols[None, :] <= last_key[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc)
 
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    o, lse = finish(m_i, l_i, acc)
     tl.store(out_ptr + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sos
              + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(lse_ptr + (b * n_heads + h).to(tl.int64) * Sq + rows, lse, mask=row_ok)
 
 
@@ -129,18 +119,9 @@ def _paged_decode_split(q_ptr, k_ptr, v_ptr, seq_ptr, pages_ptr, o_part, lse_par
         ok = (pos >= 0) & (pos < seq_len)  # -1 slots and positions past the row's length read nothing
         k = tl.load(k_base + pos[:, None].to(tl.int64) * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_base + pos[:, None].to(tl.int64) * svs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.where(ok[None, :], tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(q, k, v, ok[None, :], qk_scale, m_i, l_i, acc)
 
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    o, lse = finish(m_i, l_i, acc)
     part_row = (b * n_kv_heads * G + head).to(tl.int64) * n_splits + split  # partials [B, Hq, 1, n_splits, (D)]
     tl.store(o_part + part_row[:, None] * D + offs_d[None, :], o, mask=g_ok[:, None])
     tl.store(lse_part + part_row, lse, mask=g_ok)

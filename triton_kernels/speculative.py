@@ -10,7 +10,7 @@ Tree attention runs flash-decoding style in two launches:
    walking ``parents`` up from each row's node; no T x (prefix + T) mask exists anywhere. The row tiles of
    one (batch, KV head, split) are adjacent in launch order, so they read the chunk's K/V from DRAM once
    and from L2 after. Each program writes its rows' float32 partial output and log-sum-exp.
-2. :func:`merge.merge_partials`: per query row, the log-sum-exp-weighted sum of the ``n_splits + 1`` partials.
+2. :func:`attention.merge_partials`: per query row, the log-sum-exp-weighted sum of the ``n_splits + 1`` partials.
 
 Empty chunks (past a short prefix) write lse = -inf and o = 0, so the workspace needs no memset and the
 whole call has fixed shapes (CUDA-graph capturable). The prefix length is clamped to [0, S_max - T]
@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .merge import LN2, merge_partials
+from .attention import finish, merge_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
 MIN_CHUNK = 256  # prefix positions per split at least: fewer would spend more on the merge than they save
@@ -64,16 +64,7 @@ def _tree_attention_split(q_ptr, k_ptr, v_ptr, prefix_ptr, parents_ptr, o_part, 
             n_ok = offs_n < end
             k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen only masked keys keeps m = -inf: subtract 0 instead to avoid inf - inf
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(q, k, v, n_ok[None, :], qk_scale, m_i, l_i, acc)
     else:
         # Tree keys: node j at position prefix + j is visible to row node i when j is i or an ancestor.
         offs_t = tl.arange(0, BLOCK_T)
@@ -89,16 +80,9 @@ def _tree_attention_split(q_ptr, k_ptr, v_ptr, prefix_ptr, parents_ptr, o_part, 
         pos = prefix + offs_t
         k = tl.load(k_base + pos[:, None].to(tl.int64) * sks + offs_d[None, :], mask=t_ok[:, None], other=0.0)
         v = tl.load(v_base + pos[:, None].to(tl.int64) * svs + offs_d[None, :], mask=t_ok[:, None], other=0.0)
-        s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_i = tl.max(s, 1)
-        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v)
+        m_i, l_i, acc = online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc)
 
-    has_keys = l_i > 0
-    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    o, lse = finish(m_i, l_i, acc)
     # partials are [B, Hq, T, n_splits + 1, (D)], contiguous
     part_row = ((b * n_kv_heads * G + head).to(tl.int64) * T + node) * (n_splits + 1) + split
     tl.store(o_part + part_row[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None])

@@ -1,10 +1,36 @@
-"""Merging split attention partials by log-sum-exp (the second launch of the split-KV attention kernels)."""
+"""Pieces shared by the attention kernels: FlashAttention's online-softmax step over one key tile, the
+finish of a row's (output, log-sum-exp), and the merge of split-KV partials by log-sum-exp (the second
+launch of the flash-decoding kernels)."""
 
 import torch
 import triton
 import triton.language as tl
 
 LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def online_softmax_step(q, k, v, visible, qk_scale, m_i, l_i, acc):
+    """Fold one key tile into the running (max, sum, output) of each query row, in the log2 domain
+    (``qk_scale`` includes log2(e)). ``visible`` masks (row, key) pairs; a row that has seen no visible key
+    keeps m = -inf and adds nothing (no inf - inf)."""
+    s = tl.where(visible, tl.dot(q, tl.trans(k)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def finish(m_i, l_i, acc):
+    """A row's normalised output and natural-log lse; a row with no key gives 0 and -inf."""
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    return o, lse
 
 
 @triton.jit
