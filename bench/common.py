@@ -15,9 +15,10 @@ import platform
 import re
 import statistics
 import time
-from typing import Callable, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.nn.attention import SDPBackend
 
 
 def device_info(device: torch.device) -> dict:
@@ -91,6 +92,26 @@ def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps
     return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3 / len(calls)
 
 
+def time_eager(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> float:
+    """Median microseconds per call without a CUDA graph: each call timed on its own with CUDA events, cycling
+    through ``calls``. For calls that synchronise with the host (the reference backends), which graph capture
+    forbids. Off a GPU it is :func:`time_calls`."""
+    if device.type != "cuda":
+        return time_calls(calls, device, reps=reps)
+    for call in calls[:2]:
+        call()
+    torch.cuda.synchronize(device)
+    samples = []
+    for r in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        calls[r % len(calls)]()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return statistics.median(samples)
+
+
 def rotations(bytes_per_set: int, device: torch.device) -> int:
     """How many input sets to rotate through so that they do not fit in L2 (at least 2x L2)."""
     if device.type != "cuda":
@@ -110,6 +131,79 @@ def measure_peaks(device: torch.device) -> dict:
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     mm_us = time_calls([lambda: a @ b], device, reps=20)
     return {"copy_gbps": 2 * 4 * n / copy_us / 1e3, "matmul_tflops": 2 * 8192 ** 3 / mm_us / 1e6}
+
+
+def start_run(device: torch.device, note: str) -> Tuple[dict, dict]:
+    """What every run starts with: print ``note`` (if any), then return :func:`device_info` and :func:`measure_peaks`
+    of ``device``."""
+    if note:
+        print(note)
+    return device_info(device), measure_peaks(device)
+
+
+def kernel_backends(device: torch.device) -> Tuple[List[str], Dict[str, str]]:
+    """The kernel backends (cuda, triton, in that order) that can run on ``device``, and for each one that
+    cannot, the reason as ``"unavailable: <why>"`` (the form the results' failed-backend lists use)."""
+    from efficient_ops import backends
+
+    names, unavailable = [], {}
+    for name in ("cuda", "triton"):
+        reason = backends.device_status(name, device)
+        if reason is None:
+            names.append(name)
+        else:
+            unavailable[name] = f"unavailable: {reason}"
+    return names, unavailable
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error ``||out - ref|| / ||ref||`` (Frobenius, in float64); inf when ``out`` is not finite."""
+    out, ref = out.double(), ref.double()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def sdpa_choice(q, k, v, attn_mask=None, is_causal: bool = False) -> Optional[str]:
+    """The backend ``F.scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal, enable_gqa=True)``
+    would run on, lower case (``flash_attention``, ``math``, ...), from torch's private ``torch._fused_sdp_choice``;
+    None when it cannot tell."""
+    try:
+        choice = torch._fused_sdp_choice(q, k, v, attn_mask=attn_mask, dropout_p=0.0, is_causal=is_causal, scale=None,
+                                         enable_gqa=True)
+        return SDPBackend(choice).name.lower()
+    except Exception:
+        return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message ("" when it has none): CUDA errors append long hints after it."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def why(exc: BaseException) -> str:
+    """``exc`` as a one-line reason for the results: ``"<type>: <first line of the message>"``."""
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Free GPU memory in bytes after releasing PyTorch's cached blocks; None off a GPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(device)[0]
+
+
+def clean_up(device: torch.device) -> None:
+    """Wait for the GPU (ignoring an error a failed kernel left behind) and release PyTorch's cached memory, so
+    that the next case starts from free memory; nothing off a GPU."""
+    if device.type == "cuda":
+        try:
+            torch.cuda.synchronize(device)
+        except Exception:
+            pass
+        torch.cuda.empty_cache()
 
 
 def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:

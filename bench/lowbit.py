@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from efficient_ops import backends, lowbit_linear
+from efficient_ops import lowbit_linear
 from efficient_ops.quant import quantize_weight, quantize_weight_mixed
 
 from . import common
@@ -62,15 +62,12 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     shapes, ms = (GPU_SHAPES, GPU_MS) if gpu else (CPU_SHAPES, CPU_MS)
     if quick:
         shapes, ms = shapes[:1], ms[:3]
-    info = common.device_info(device)
     note = ("" if gpu else "No CUDA GPU: the reference backend on the CPU at small sizes, against F.linear on "
             "the CPU. These numbers prove the path runs; they say nothing about GPU kernel speed.")
-    if note:
-        print(note)
-    peaks = common.measure_peaks(device)
+    info, peaks = common.start_run(device, note)
     # On a GPU the kernels compete (the reference is an oracle, not a contender); on the CPU only the
     # reference runs (the Triton interpreter is a test tool, far too slow to time).
-    names = [b for b in ("cuda", "triton") if backends.device_status(b, device) is None] if gpu else ["reference"]
+    names = common.kernel_backends(device)[0] if gpu else ["reference"]
     formats = list(formats or FORMATS)
     rows = []
     cases = [(k, n, m) for k, n in shapes for m in ms]

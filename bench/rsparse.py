@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from efficient_ops import backends, rsparse_linear
+from efficient_ops import rsparse_linear
 from efficient_ops.rsparse import RSparseWeights, _mask, budget, threshold_for
 
 from . import common
@@ -63,13 +63,6 @@ def _grow(pool: list, n: int, make) -> list:
     return pool[:n]
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def _fractions(xs: List[torch.Tensor], col_norms: torch.Tensor, threshold: float):
     """Per buffer: (mean per-row active fraction, union active fraction, fraction of channels inactive in some row)."""
     out = []
@@ -93,16 +86,13 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     if quick:
         default = default[0][:1], default[1][:3], [0.0, 0.5, 0.9]
     shapes, ms, sparsities = shapes or default[0], ms or default[1], sparsities or default[2]
-    info = common.device_info(device)
     note = ("" if gpu else "No CUDA GPU: the reference backend on the CPU at small sizes in float32, against F.linear "
             "on the CPU. These numbers prove the path runs; they say nothing about GPU kernel speed.")
-    if note:
-        print(note)
-    peaks = common.measure_peaks(device)
+    info, peaks = common.start_run(device, note)
     # On a GPU the kernels compete (the reference is the oracle each output is checked against); on the CPU
     # only the reference runs (the Triton interpreter is a test tool, far too slow to time).
     if names is None:
-        names = [b for b in ("cuda", "triton") if backends.device_status(b, device) is None] if gpu else ["reference"]
+        names = common.kernel_backends(device)[0] if gpu else ["reference"]
     failed = {}  # backend -> why it stopped running (it raised once; it is not tried again)
     es = torch.finfo(dtype).bits // 8
     configs = [(s, a) for s in sparsities for a in ALPHAS if s > 0 or a == 1.0]
@@ -144,7 +134,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                         if gpu:
                             torch.cuda.synchronize(device)  # a failing kernel raises here, outside graph capture
                         err = (None if name == "reference" else
-                               _rel_err(out, rsparse_linear(xs[0], rws[0], backend="reference")))
+                               common.rel_err(out, rsparse_linear(xs[0], rws[0], backend="reference")))
                         us = common.time_calls([lambda x=x, rw=rw: rsparse_linear(x, rw, backend=name)
                                                 for x, rw in zip(xs, rws)], device)
                     except Exception as exc:  # a backend that cannot run here (e.g. an extension without it)

@@ -78,12 +78,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
-import statistics
 import subprocess
 import sys
 import types
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -183,76 +182,16 @@ def mask_counts(mask: BlockSparseMask, batch: int, heads: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _sdpa_choice(q, k, v, is_causal) -> Optional[str]:
-    """The SDPA backend torch picks for this call (private API; None when it cannot tell)."""
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=is_causal, scale=None,
-                                         enable_gqa=True)
-        return SDPBackend(choice).name.lower()
-    except Exception:
-        return None
-
-
-def _time_eager(calls: Sequence, device: torch.device, reps: int) -> float:
-    """Median microseconds per call without a CUDA graph (for the reference backend on a GPU)."""
-    if device.type != "cuda":
-        return common.time_calls(calls, device, reps=reps)
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize(device)
-    samples = []
-    for r in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        calls[r % len(calls)]()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _why(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {_first_line(exc)}"
-
-
-def _free_memory(device: torch.device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def _clean_up(device: torch.device) -> None:
-    if device.type == "cuda":
-        try:
-            torch.cuda.synchronize(device)
-        except Exception:
-            pass
-        torch.cuda.empty_cache()
-
-
 def _after_failure(device: torch.device) -> None:
     """Free memory after a failed call; raise :class:`_ContextLost` when the CUDA context no longer works."""
-    _clean_up(device)
+    common.clean_up(device)
     if device.type != "cuda":
         return
     try:
         torch.cuda.synchronize(device)
         torch.ones(1, device=device).add_(1).item()
     except Exception as exc:
-        raise _ContextLost(_why(exc)) from exc
+        raise _ContextLost(common.why(exc)) from exc
 
 
 def _dynamo_limit():
@@ -357,7 +296,8 @@ def _prefill_length(ctx, s: int, densities, failed: Dict[str, str], rows: List[d
                      for q, k, v in sets]
             sdpa_us = common.time_calls(calls, device, reps=reps)
     except Exception as exc:
-        reason = f"out of memory: {_first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) else _why(exc)
+        reason = f"out of memory: {common.first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) \
+            else common.why(exc)
         ctx.skipped.append(dict(backend=SDPA, S=s, density=None, reason=reason))
         _after_failure(device)
 
@@ -371,11 +311,11 @@ def _prefill_length(ctx, s: int, densities, failed: Dict[str, str], rows: List[d
                                             backend="reference").float()
         except Exception as exc:  # out of memory, most likely: the rows get err None
             oracle = None
-            ctx.skipped.append(dict(backend="err oracle", **where, reason=_why(exc)))
+            ctx.skipped.append(dict(backend="err oracle", **where, reason=common.why(exc)))
             _after_failure(device)
 
         def err_of(out):
-            return _rel_err(out[:1, :hs, start:], oracle) if oracle is not None else None
+            return common.rel_err(out[:1, :hs, start:], oracle) if oracle is not None else None
 
         measured = {}  # backend -> (us, err, timing, attended pairs per (batch, head))
         for name in ctx.names:
@@ -390,13 +330,13 @@ def _prefill_length(ctx, s: int, densities, failed: Dict[str, str], rows: List[d
                 calls = [lambda q=q, k=k, v=v, name=name: block_sparse_attention(q, k, v, mask, backend=name)
                          for q, k, v in sets]
                 eager = gpu and name == "reference"  # the dense reference: eager, CUDA events
-                us = (_time_eager if eager else common.time_calls)(calls, device, reps=reps)
+                us = (common.time_eager if eager else common.time_calls)(calls, device, reps=reps)
                 measured[name] = (us, err, "eager" if eager else timing, counts["attended_pairs"])
             except torch.cuda.OutOfMemoryError as exc:
-                ctx.skipped.append(dict(backend=name, **where, reason=f"out of memory: {_first_line(exc)}"))
+                ctx.skipped.append(dict(backend=name, **where, reason=f"out of memory: {common.first_line(exc)}"))
                 _after_failure(device)
             except Exception as exc:  # a backend that cannot run here (e.g. an extension without the kernel)
-                failed[name] = _why(exc)
+                failed[name] = common.why(exc)
                 print(f"block_sparse_attention backend {name} failed at S={s} density={density}; skipping it: "
                       f"{failed[name]}")
                 _after_failure(device)
@@ -419,15 +359,15 @@ def _prefill_length(ctx, s: int, densities, failed: Dict[str, str], rows: List[d
                     us = common.time_calls(calls, device, reps=reps)
                 measured[FLEX] = (us, err, "graph, compiled" if gpu else "cpu, not compiled", counts["attended_pairs"])
             except Exception as exc:
-                reason = f"out of memory: {_first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) \
-                    else _why(exc)
+                reason = f"out of memory: {common.first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) \
+                    else common.why(exc)
                 if not isinstance(exc, torch.cuda.OutOfMemoryError):
                     ctx.flex_failed[s] = f"failed at an earlier density of this shape: {reason}"
                 ctx.skipped.append(dict(backend=FLEX, **where, reason=reason))
                 _after_failure(device)
 
         if sdpa_us is not None:  # (a skipped SDPA was recorded once for the length)
-            sdpa_err = _rel_err(sdpa_out, oracle) if oracle is not None and density == 1.0 else None
+            sdpa_err = common.rel_err(sdpa_out, oracle) if oracle is not None and density == 1.0 else None
             measured[SDPA] = (sdpa_us, sdpa_err, timing, counts["causal_pairs"])
 
         flex_us = measured[FLEX][0] if FLEX in measured else None
@@ -451,7 +391,7 @@ def _prefill_length(ctx, s: int, densities, failed: Dict[str, str], rows: List[d
                                  "achieved TFLOP/s": flops / us / 1e6,
                                  "%matmul": 100 * flops / us / 1e6 / ctx.peaks["matmul_tflops"]
                                  if ctx.peaks["matmul_tflops"] else None}))
-        _clean_up(device)
+        common.clean_up(device)
         bar.update(1)
 
 
@@ -475,14 +415,14 @@ def _decode_group(ctx, b: int, context: int, budgets, failed: Dict[str, str], ro
     n_pages = -(-context // page)
     min_read = 2 * b * hkv * min(max(2, min(budgets) // page), n_pages) * page * d * es
     n_sets = max(common.rotations(min_read, device), common.rotations(cache_bytes, device))
-    free = _free_memory(device)
+    free = common.free_memory(device)
     if free is not None:  # each set: K and V, the summary (kmin + kmax: 1 / page of that) and a margin
         n_sets = max(1, min(n_sets, int(DECODE_MEM_FRACTION * free // (cache_bytes * (1 + 1 / page) * 1.1))))
     sets = []
     for _ in range(n_sets):
         k, v = ctx.randn(b, hkv, context, d), ctx.randn(b, hkv, context, d)
         sets.append((ctx.randn(b, hq, d), k, v, PageSummary.build(k, seq_lens, page)))
-        _clean_up(device)
+        common.clean_up(device)
     q0, k0, v0, summary0 = sets[0]
     reps = DECODE_REPS if gpu else CPU_REPS
     timing = "graph" if gpu else "cpu"
@@ -490,14 +430,14 @@ def _decode_group(ctx, b: int, context: int, budgets, failed: Dict[str, str], ro
 
     # dense decode over the whole context, torch's kernel: once per (B, context)
     dense_us, dense_reason = None, None
-    choice = _sdpa_choice(q0[:, :, None], k0, v0, False)
+    choice = common.sdpa_choice(q0[:, :, None], k0, v0, is_causal=False)
     try:
         calls = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)
                  for q, k, v, _ in sets]
         dense_us = common.time_calls(calls, device, reps=reps)
     except Exception as exc:
-        dense_reason = f"out of memory: {_first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) \
-            else _why(exc)
+        dense_reason = f"out of memory: {common.first_line(exc)}" if isinstance(exc, torch.cuda.OutOfMemoryError) \
+            else common.why(exc)
         _after_failure(device)
 
     for budget in budgets:
@@ -513,18 +453,18 @@ def _decode_group(ctx, b: int, context: int, budgets, failed: Dict[str, str], ro
                                          seq_lens[:1], pages0[:1, :kh].contiguous(), page, backend="reference").float()
         except Exception as exc:
             oracle = None
-            ctx.skipped.append(dict(backend="err oracle", step=DECODE, **where, reason=_why(exc)))
+            ctx.skipped.append(dict(backend="err oracle", step=DECODE, **where, reason=common.why(exc)))
             _after_failure(device)
 
         def err_of(out):
-            return _rel_err(out[:1, :kh * g], oracle) if oracle is not None else None
+            return common.rel_err(out[:1, :kh * g], oracle) if oracle is not None else None
 
         measured = []  # (backend, step, us, err, timing, bytes)
         for name in ctx.names:
             if name in failed:
                 continue
             eager = gpu and name == "reference"
-            timer = _time_eager if eager else common.time_calls
+            timer = common.time_eager if eager else common.time_calls
             try:
                 out = paged_sparse_decode(q0, k0, v0, seq_lens, pages0, page, backend=name)
                 if gpu:
@@ -548,10 +488,10 @@ def _decode_group(ctx, b: int, context: int, budgets, failed: Dict[str, str], ro
                                  "eager" if eager else timing, read + summary_bytes))
             except torch.cuda.OutOfMemoryError as exc:
                 ctx.skipped.append(dict(backend=name, step=DECODE, **where,
-                                        reason=f"out of memory: {_first_line(exc)}"))
+                                        reason=f"out of memory: {common.first_line(exc)}"))
                 _after_failure(device)
             except Exception as exc:
-                failed[name] = _why(exc)
+                failed[name] = common.why(exc)
                 print(f"paged_sparse_decode backend {name} failed at B={b} context={context} budget={budget}; "
                       f"skipping it: {failed[name]}")
                 _after_failure(device)
@@ -571,7 +511,7 @@ def _decode_group(ctx, b: int, context: int, budgets, failed: Dict[str, str], ro
                              dense_us=dense_us, err=err, timing=row_timing, sdpa_kernel=choice if dense else None,
                              **{"speedup": dense_us / us if dense_us else None, "GB/s": gbps,
                                 "%copy": 100 * gbps / ctx.peaks["copy_gbps"] if ctx.peaks["copy_gbps"] else None}))
-        _clean_up(device)
+        common.clean_up(device)
         bar.update(1)
 
 
@@ -604,23 +544,16 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
         lengths, densities = lengths or CPU_LENGTHS, densities or CPU_DENSITIES
         decode_batches, contexts = decode_batches or CPU_DECODE_BATCHES, contexts or CPU_CONTEXTS
         budgets = budgets or CPU_BUDGETS
-    info = common.device_info(device)
     note = ("" if gpu else f"No CUDA GPU: tiny shapes on the CPU (Hq {hq}, Hkv {hkv}, D {d}, {str(dtype)[6:]}) "
             "against SDPA (flash, CPU) and FlexAttention run eagerly (not compiled) on the CPU. These numbers prove "
             "the path runs; they say nothing about GPU kernel speed.")
-    if note:
-        print(note)
-    peaks = common.measure_peaks(device)
+    info, peaks = common.start_run(device, note)
     failed, decode_failed = {}, {}  # backend -> why it stopped running (not tried again)
     if names is None:
         if gpu:
-            names = []
-            for name in ("cuda", "triton"):
-                reason = backends.device_status(name, device)
-                if reason is None:
-                    names.append(name)
-                else:
-                    failed[name] = decode_failed[name] = f"unavailable: {reason}"
+            names, unavailable = common.kernel_backends(device)
+            failed.update(unavailable)
+            decode_failed.update(unavailable)
         else:
             names = ["reference"]
     names = list(names)
@@ -645,13 +578,13 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                                        unit="case") as bar:
                 for s in lengths:
                     _prefill_length(ctx, s, list(densities), failed, rows, bar)
-                    _clean_up(device)  # the length's tensors are gone with _prefill_length's frame
+                    common.clean_up(device)  # the length's tensors are gone with _prefill_length's frame
         if decode:
             groups = [(b, c) for c in contexts for b in decode_batches]
             with tqdm(total=len(groups) * len(budgets), desc="sparse_attention decode", unit="case") as bar:
                 for b, c in groups:
                     _decode_group(ctx, b, c, list(budgets), decode_failed, decode_rows, bar)
-                    _clean_up(device)
+                    common.clean_up(device)
     except _ContextLost as exc:
         aborted = (f"the CUDA context was lost after a failure ({exc}); the results below are those measured "
                    "before it")

@@ -66,8 +66,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import statistics
-from typing import List, Optional, Sequence
+from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -129,23 +128,6 @@ def draft_tree(t: int, seed: int = 0) -> List[int]:
     return parents
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _sdpa_choice(q, k, v, mask) -> Optional[str]:
-    """The SDPA backend torch picks for this call (private API; None when it cannot tell)."""
-    try:
-        choice = torch._fused_sdp_choice(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=None,
-                                         enable_gqa=True)
-        return SDPBackend(choice).name.lower()
-    except Exception:
-        return None
-
-
 def _sdpa_math_bytes(b, hq, t, s, d) -> int:
     """Estimated peak bytes of SDPA's math fallback (it upcasts fp16/bf16 to float32): three float32 [B, Hq, T, S]
     buffers (scores, masked scores, probabilities), the mask as float [B, T, S], K/V expanded to Hq heads and q
@@ -162,45 +144,6 @@ def _oracle(q, k, v, mask) -> torch.Tensor:
                                                           v[b:b + 1].float(), attn_mask=mask[b:b + 1],
                                                           enable_gqa=True)
     return out
-
-
-def _time_eager(calls: Sequence, device: torch.device, reps: int) -> float:
-    """Median microseconds per call without a CUDA graph (for calls that synchronise with the host)."""
-    if device.type != "cuda":
-        return common.time_calls(calls, device, reps=reps)
-    for call in calls[:2]:
-        call()
-    torch.cuda.synchronize(device)
-    samples = []
-    for r in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        calls[r % len(calls)]()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _free_memory(device: torch.device):
-    if device.type != "cuda":
-        return None
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(device)[0]
-
-
-def _clean_up(device: torch.device) -> None:
-    if device.type == "cuda":
-        try:
-            torch.cuda.synchronize(device)
-        except Exception:
-            pass
-        torch.cuda.empty_cache()
 
 
 def run(device: torch.device, out_dir: str = "bench/results", quick: bool = False, dtype=None, cases=None,
@@ -223,22 +166,14 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
             trees, prefixes = [64], [1024, 32768]
         cases = [(b, t, p) for t in trees for p in prefixes for b in batches]
     reps = GPU_REPS if gpu else CPU_REPS
-    info = common.device_info(device)
     note = ("" if gpu else f"No CUDA GPU: tiny shapes on the CPU (Hq {hq}, Hkv {hkv}, D {d}, {str(dtype)[6:]}) "
             "against SDPA on the CPU. These numbers prove the path runs; they say nothing about GPU kernel speed.")
-    if note:
-        print(note)
-    peaks = common.measure_peaks(device)
+    info, peaks = common.start_run(device, note)
     failed = {}  # backend -> why it stopped running (it raised once, or cannot run here; not tried again)
     if names is None:
         if gpu:
-            names = []
-            for name in ("cuda", "triton"):
-                reason = backends.device_status(name, device)
-                if reason is None:
-                    names.append(name)
-                else:
-                    failed[name] = f"unavailable: {reason}"
+            names, unavailable = common.kernel_backends(device)
+            failed.update(unavailable)
         else:
             names = ["reference"]
     names = list(names)
@@ -274,8 +209,8 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
             oracle = _oracle(q0, k0, v0, mask)
         except Exception as exc:  # out of memory, most likely: the rows get err None
             oracle = None
-            skipped.append(dict(backend="err oracle", **where, reason=f"{type(exc).__name__}: {_first_line(exc)}"))
-            _clean_up(device)
+            skipped.append(dict(backend="err oracle", **where, reason=common.why(exc)))
+            common.clean_up(device)
         measured = {}  # backend -> (us, err, extra row fields, useful flops)
 
         # the decode floor: one query token per head over the same prefix
@@ -284,15 +219,15 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                            F.scaled_dot_product_attention(q1, k, v, enable_gqa=True)
                            for q1, (_, k, v) in zip(q1s, sets)]
             measured[FLOOR] = (common.time_calls(floor_calls, device, reps=reps), None,
-                               dict(sdpa_kernel=_sdpa_choice(q1s[0], k0[:, :, :prefix], v0[:, :, :prefix], None)),
+                               dict(sdpa_kernel=common.sdpa_choice(q1s[0], k0[:, :, :prefix], v0[:, :, :prefix])),
                                4 * b * hq * prefix * d)
         except Exception as exc:
             skipped.append(dict(backend=FLOOR, **where, reason=f"{type(exc).__name__}: {exc}"))
-            _clean_up(device)
+            common.clean_up(device)
 
         # SDPA with the explicit mask
-        choice = _sdpa_choice(q0, k0, v0, mask)
-        free = _free_memory(device)
+        choice = common.sdpa_choice(q0, k0, v0, mask)
+        free = common.free_memory(device)
         need = _sdpa_math_bytes(b, hq, t, s, d)
         if gpu and choice in (None, "math") and free is not None and need > SDPA_MEM_FRACTION * free:
             skipped.append(dict(backend=SDPA, **where, reason=f"the math fallback needs about {need / 2**30:.1f} GiB, "
@@ -300,7 +235,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
         else:
             try:
                 out = F.scaled_dot_product_attention(q0, k0, v0, attn_mask=mask, enable_gqa=True)
-                err = _rel_err(out, oracle) if oracle is not None else None
+                err = common.rel_err(out, oracle) if oracle is not None else None
                 del out
                 sdpa_calls = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                                                    enable_gqa=True)
@@ -308,10 +243,10 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                 measured[SDPA] = (common.time_calls(sdpa_calls, device, reps=reps), err, dict(sdpa_kernel=choice),
                                   flops)
             except torch.cuda.OutOfMemoryError as exc:
-                skipped.append(dict(backend=SDPA, **where, reason=f"out of memory: {_first_line(exc)}"))
+                skipped.append(dict(backend=SDPA, **where, reason=f"out of memory: {common.first_line(exc)}"))
             except Exception as exc:
                 skipped.append(dict(backend=SDPA, **where, reason=f"{type(exc).__name__}: {exc}"))
-            _clean_up(device)
+            common.clean_up(device)
 
         # the kernels
         for name in names:
@@ -321,18 +256,18 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                 out = tree_attention(q0, k0, v0, prefix_lens, parents, backend=name)
                 if gpu:
                     torch.cuda.synchronize(device)  # a failing kernel raises here, outside graph capture
-                err = _rel_err(out, oracle) if oracle is not None else None
+                err = common.rel_err(out, oracle) if oracle is not None else None
                 del out
                 calls = [lambda q=q, k=k, v=v, name=name: tree_attention(q, k, v, prefix_lens, parents, backend=name)
                          for q, k, v in sets]
                 eager = gpu and name == "reference"  # it synchronises with the host: no graph capture
-                us = (_time_eager if eager else common.time_calls)(calls, device, reps=reps)
+                us = (common.time_eager if eager else common.time_calls)(calls, device, reps=reps)
                 measured[name] = (us, err, dict(timing="eager") if eager else {}, flops)
             except Exception as exc:  # a backend that cannot run here (e.g. an extension without the kernel)
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 print(f"tree_attention backend {name} failed at B={b} T={t} prefix={prefix}; skipping it: "
                       f"{failed[name]}")
-                _clean_up(device)
+                common.clean_up(device)
 
         floor_us = measured[FLOOR][0] if FLOOR in measured else None
         sdpa_us = measured[SDPA][0] if SDPA in measured else None
@@ -351,7 +286,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
 
     for b, t, prefix in tqdm(cases, desc="tree_attention", unit="case"):
         bench_case(b, t, prefix)
-        _clean_up(device)  # the case's tensors are gone with bench_case's frame
+        common.clean_up(device)  # the case's tensors are gone with bench_case's frame
 
     compact_rows, compact_failed = [], {}
     if compact:
@@ -402,11 +337,11 @@ def _bench_compact(device, dtype, gpu, names, failed, peaks, reps, gen) -> List[
                 calls = [lambda p=p, name=name: compact_kv(k, v, p, accepted, accept_len, backend=name)
                          for p in prefixes]
                 eager = gpu and name == "reference"  # it synchronises with the host: no graph capture
-                us = (_time_eager if eager else common.time_calls)(calls, device, reps=reps)
+                us = (common.time_eager if eager else common.time_calls)(calls, device, reps=reps)
             except Exception as exc:
                 failed[name] = f"{type(exc).__name__}: {exc}"
                 print(f"compact_kv backend {name} failed at B={b}; skipping it: {failed[name]}")
-                _clean_up(device)
+                common.clean_up(device)
                 continue
             gbps = moved / us / 1e3
             rows.append(dict(op="compact_kv", backend=name, L=n_layers, B=b, Hkv=hkv, D=d, S_max=shape[3],
@@ -414,8 +349,8 @@ def _bench_compact(device, dtype, gpu, names, failed, peaks, reps, gen) -> List[
                              bytes=moved, timing="eager" if eager else ("graph" if gpu else "cpu"), us=us,
                              exact=exact, **{"GB/s": gbps, "%copy": 100 * gbps / peaks["copy_gbps"]
                                              if peaks["copy_gbps"] else None}))
-        del k, v, small, small_v, want_k, want_v
-        _clean_up(device)
+        k = v = small = small_v = want_k = want_v = None  # free them (the timed lambdas read k, v by closure)
+        common.clean_up(device)
     return rows
 
 
