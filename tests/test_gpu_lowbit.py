@@ -8,17 +8,14 @@ import efficient_ops
 from efficient_ops import backends
 from efficient_ops.quant import quantize_weight, quantize_weight_mixed
 
-from conftest import rel_err
+from conftest import gpu_kernel_backends, rel_err
 
 pytestmark = pytest.mark.gpu
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-3}
 
 
 def gpu_backends(m, dtype):
-    dev = torch.device("cuda")
-    names = [b for b in ("cuda", "triton") if backends.device_status(b, dev) is None]
-    assert names, "no GPU backend is available: is efficient_ops._C built and Triton installed?"
-    return [b for b in names if not (b == "cuda" and (m > 16 or dtype == torch.float32))]
+    return [b for b in gpu_kernel_backends() if not (b == "cuda" and (m > 16 or dtype == torch.float32))]
 
 
 # (bits, grid) of every packed format; the mixed layout is "ptq1.61"

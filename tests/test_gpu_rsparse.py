@@ -6,19 +6,16 @@ import pytest
 import torch
 
 import efficient_ops
-from efficient_ops import backends
 from efficient_ops.rsparse import RSparseWeights, budget, calibrate
 
-from conftest import rel_err
+from conftest import gpu_kernel_backends, rel_err
 
 pytestmark = pytest.mark.gpu
 DTYPES = (torch.float16, torch.bfloat16)
 
 
 def gpu_backends(m):
-    names = [b for b in ("cuda", "triton") if backends.device_status(b, torch.device("cuda")) is None]
-    assert names, "no GPU backend is available: is efficient_ops._C built and Triton installed?"
-    return [b for b in names if not (b == "cuda" and m > 8)]
+    return [b for b in gpu_kernel_backends() if not (b == "cuda" and m > 8)]
 
 
 def make(k, n, sparsity, alpha, dtype, m, seed=0):

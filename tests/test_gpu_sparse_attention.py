@@ -6,19 +6,12 @@ import pytest
 import torch
 
 import efficient_ops as eo
-from efficient_ops import backends
 from efficient_ops import sparse_attention as sa
 
-from conftest import rel_err
+from conftest import gpu_kernel_backends, rel_err
 
 pytestmark = pytest.mark.gpu
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-def gpu_backends():
-    names = [b for b in ("cuda", "triton") if backends.device_status(b, torch.device("cuda")) is None]
-    assert names, "no GPU backend is available: is efficient_ops._C built and Triton installed?"
-    return names
 
 
 def qkv(b, hq, hkv, sq, skv, d, dtype, seed):
@@ -41,7 +34,7 @@ def test_block_sparse_backends_match_reference(dtype, block_m, block_n, causal, 
     q, k, v = qkv(2, 8, 2, 1000, 1300, 128, dtype, seed=block_m + block_n)
     mask = sa.topk_blocks(q, k, density=0.3, block_m=block_m, block_n=block_n, causal=causal)
     ref, ref_lse = eo.block_sparse_attention(q, k, v, mask, return_lse=True, backend="reference")
-    for backend in gpu_backends():
+    for backend in gpu_kernel_backends():
         out, lse = eo.block_sparse_attention(q, k, v, mask, return_lse=True, backend=backend)
         check(out, lse, ref, ref_lse)
 
@@ -56,7 +49,7 @@ def test_block_sparse_head_dim_256_on_triton(dtype):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_block_sparse_long_sequence_patterns(backend):
-    if backend not in gpu_backends():
+    if backend not in gpu_kernel_backends():
         pytest.skip(f"{backend} unavailable")
     q, k, v = qkv(1, 4, 1, 8192, 8192, 64, torch.bfloat16, seed=1)
     for mask in (sa.streaming(8192, 8192, sink=64, window=1024, block_m=128, block_n=64, n_heads=4, dense_heads=[2]),
@@ -88,7 +81,7 @@ def test_paged_decode_backends_match_reference_and_capture(dtype, page, g_heads,
     summary = sa.PageSummary.build(k, seq_lens, page)
     pages = sa.select_pages(q, summary, seq_lens, 1024)
     ref = eo.paged_sparse_decode(q, k, v, seq_lens, pages, page, backend="reference")
-    for backend in gpu_backends():
+    for backend in gpu_kernel_backends():
         out = eo.paged_sparse_decode(q, k, v, seq_lens, pages, page, backend=backend)
         assert rel_err(out, ref) < 1e-2, backend
         graph = torch.cuda.CUDAGraph()

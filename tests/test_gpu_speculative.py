@@ -6,19 +6,12 @@ import pytest
 import torch
 
 import efficient_ops as eo
-from efficient_ops import backends
 from efficient_ops.reference import speculative as reference
 
-from conftest import rel_err
+from conftest import gpu_kernel_backends, rel_err
 
 pytestmark = pytest.mark.gpu
 DTYPES = (torch.float16, torch.bfloat16)
-
-
-def gpu_backends():
-    names = [b for b in ("cuda", "triton") if backends.device_status(b, torch.device("cuda")) is None]
-    assert names, "no GPU backend is available: is efficient_ops._C built and Triton installed?"
-    return names
 
 
 def random_parents(b, t, g):
@@ -41,14 +34,14 @@ def test_tree_attention_backends_match_reference(dtype, b, hq, hkv, t, d, prefix
     prefix_lens = torch.tensor(prefix, device="cuda")
     q, k, v, parents = inputs(b, hq, hkv, t, d, max(prefix) + t + 5, dtype, seed=t + d)
     ref = eo.tree_attention(q, k, v, prefix_lens, parents, backend="reference")
-    for backend in gpu_backends():
+    for backend in gpu_kernel_backends():
         out = eo.tree_attention(q, k, v, prefix_lens, parents, backend=backend)
         assert rel_err(out, ref) < 1e-2, backend
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tree_attention_graph_capture(backend):
-    if backend not in gpu_backends():
+    if backend not in gpu_kernel_backends():
         pytest.skip(f"{backend} unavailable")
     q, k, v, parents = inputs(2, 8, 2, 16, 128, 5000, torch.bfloat16, seed=0)
     prefix_lens = torch.tensor([4000, 123], device="cuda")
@@ -74,7 +67,7 @@ def test_compact_kv_backends_and_graph_capture(dtype):
     accept_len = torch.tensor([2, 4, 4], device="cuda")
     want_k, want_v = k.clone(), v.clone()
     reference.compact_kv(want_k, want_v, prefix_lens, accepted, accept_len)
-    for backend in gpu_backends():
+    for backend in gpu_kernel_backends():
         k2, v2 = k.clone(), v.clone()
         new = eo.compact_kv(k2, v2, prefix_lens, accepted, accept_len, backend=backend)
         assert torch.equal(k2, want_k) and torch.equal(v2, want_v) and new.tolist() == [13, 205, 5]

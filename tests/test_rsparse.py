@@ -364,13 +364,12 @@ def test_triton_kernel_compiles_for_hopper():
 @pytest.mark.skipif(backends.extension() is None or torch.cuda.is_available(),
                     reason="needs efficient_ops._C and no GPU (the launch must fail)")
 @pytest.mark.parametrize("rank_alpha", [0.5, 1.0])
-def test_cuda_runner_passes_the_extension_checks(monkeypatch, rank_alpha):
+def test_cuda_runner_passes_the_extension_checks(fake_cuda_launch, rank_alpha):
     """The op's cuda runner on CPU tensors with a stand-in stream: the real binding accepts its keyword
     arguments and every size, stride and pointer check, and only the kernel launch fails (no GPU)."""
     from efficient_ops.ops import rsparse as ops
 
     _, rw, _ = make(70, 40, alpha=rank_alpha, dtype=torch.bfloat16)
     x = (torch.randn(3, 100) * 2).bfloat16()[:, 10:80]  # strided rows, as the op passes them
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
     with pytest.raises(RuntimeError, match="rsparse_gemv: CUDA launch failed"):
         ops._run_cuda(x, rw.weight_t, rw.col_norms, rw.threshold, rw.v, rw.us_t, torch.randn(40).bfloat16())

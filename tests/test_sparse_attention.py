@@ -471,14 +471,11 @@ def test_triton_kernels_compile_for_hopper():
 
 @pytest.mark.skipif(eo.backends.extension() is None or torch.cuda.is_available(),
                     reason="needs efficient_ops._C and no GPU (the launch must fail)")
-def test_cuda_runners_pass_the_extension_checks(monkeypatch):
-    """The ops' cuda runners on CPU tensors with a stand-in stream and SM count: the real bindings accept their
-    keyword arguments and every size, stride and pointer check, and only the kernel launch fails (no GPU)."""
+def test_cuda_runners_pass_the_extension_checks(fake_cuda_launch):
+    """The ops' cuda runners on CPU tensors: the real bindings accept their keyword arguments and every size,
+    stride and pointer check, and only the kernel launch fails (no GPU)."""
     from efficient_ops.ops import sparse_attention as ops
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: type("P", (), {"multi_processor_count": 132})())
     q, k, v = qkv(2, 4, 2, 70, 100, 64, torch.bfloat16, seed=0)
     m = random_mask((1, 4), 16, 32, 70, 100, True, 0.5, seed=0)
     with pytest.raises(RuntimeError, match="block_sparse_attention: CUDA launch failed"):

@@ -527,14 +527,11 @@ def test_triton_kernels_compile_for_hopper():
 
 @pytest.mark.skipif(eo.backends.extension() is None or torch.cuda.is_available(),
                     reason="needs efficient_ops._C and no GPU (the launch must fail)")
-def test_cuda_runners_pass_the_extension_checks(monkeypatch):
-    """The ops' cuda runners on CPU tensors with a stand-in stream and SM count: the real bindings accept their
-    keyword arguments and every size, stride and pointer check, and only the kernel launch fails (no GPU)."""
+def test_cuda_runners_pass_the_extension_checks(fake_cuda_launch):
+    """The ops' cuda runners on CPU tensors: the real bindings accept their keyword arguments and every size,
+    stride and pointer check, and only the kernel launch fails (no GPU)."""
     from efficient_ops.ops import speculative as ops
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"cuda_stream": 0})())
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device=None: type("P", (), {"multi_processor_count": 132})())
     gen = torch.Generator().manual_seed(0)
     q, k, v = attention_inputs(2, 8, 2, 16, 128, 600, torch.bfloat16, gen)
     parents = make_parents("per_row", 2, 16, gen)
