@@ -23,18 +23,8 @@ using namespace efficient_ops;
 using namespace efficient_ops::lowbit_gemv_detail;
 #ifndef __CUDA_ARCH__  // host-only harness (nvcc also parses it in the device pass)
 
-static uint16_t f2h(float f, bool bf16) {
-  uint16_t u;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(f);
-    memcpy(&u, &b, 2);
-  } else {
-    const __half h = __float2half_rn(f);
-    memcpy(&u, &h, 2);
-  }
-  return u;
-}
-static float h2f(uint16_t u, bool bf16) { return bf16 ? bf16_bits_to_float(u) : half_bits_to_float(u); }
+#include "emulation_common.h"  // f2h / h2f, kPoison, random draws, case tally
+using namespace emulation;
 
 // Kernel variants that ran: (number of formats in the kernel, its first format, MT, bf16 x, x load).
 static std::set<std::tuple<int, int, int, bool, int>> g_variants;
@@ -152,7 +142,7 @@ struct Case {
 };
 
 static std::mt19937 rng(1234);
-static double urand(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+static double urand(double lo, double hi) { return uniform(rng, lo, hi); }
 
 // A segment's packed weight with its levels, scales and zeros (buffers sized exactly, for ASan).
 struct SegData {
@@ -234,7 +224,7 @@ bool run_case(const Case& c) {
   for (int n = 0; n < c.N; ++n) bias[n] = f2h(float(urand(-1, 1)), c.xbf);
   const int out_stride = c.N + (c.M > 1 ? 3 : 0);
   const size_t out_elems = size_t(c.M - 1) * out_stride + c.N;
-  const uint16_t poison = c.xbf ? 0x7FC1 : 0x7E01;  // NaN
+  const uint16_t poison = kPoison[c.xbf];
   uint16_t* out = new uint16_t[out_elems];
   std::fill(out, out + out_elems, poison);
 
@@ -302,12 +292,8 @@ bool run_case(const Case& c) {
   return ok;
 }
 
-static int n_cases = 0, n_fail = 0;
-
 static void run(const Case& c) {
-  ++n_cases;
-  if (run_case(c)) return;
-  ++n_fail;
+  if (tally(run_case(c))) return;
   printf("FAIL M=%d N=%d a=%s K=%d group=%d", c.M, c.N, spec(c.a.fmt).name, c.a.K, c.a.group);
   if (c.b.fmt != LowbitFormat::kNone) printf(" b=%s K=%d group=%d", spec(c.b.fmt).name, c.b.K, c.b.group);
   printf(" perm=%d xbf=%d sbf=%d bias=%d zeros=%d x_off=%d stride+%d\n", c.perm_mode, c.xbf, c.sbf, c.bias,

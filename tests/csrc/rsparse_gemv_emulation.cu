@@ -30,49 +30,13 @@ using namespace efficient_ops;
 using namespace efficient_ops::rsparse_gemv_detail;
 #ifndef __CUDA_ARCH__  // host-only harness (nvcc also parses it in the device pass)
 
-static uint16_t f2h(float f, bool bf16) {
-  uint16_t u;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(f);
-    memcpy(&u, &b, 2);
-  } else {
-    const __half h = __float2half_rn(f);
-    memcpy(&u, &h, 2);
-  }
-  return u;
-}
-static float h2f(uint16_t u, bool bf16) {
-  if (bf16) {
-    const uint32_t bits = uint32_t(u) << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-  }
-  __half_raw raw;
-  raw.x = u;
-  return __half2float(__half(raw));
-}
-
-// An exact-size heap buffer whose start is 16-byte aligned (offset 0) or 2 bytes past it (offset 1), so
-// that ASan flags a read or write one element past either end.
-template <class E>
-struct Buf {
-  E* base;
-  E* p;
-  size_t n;
-  Buf(size_t count, int offset) : n(count) {
-    base = static_cast<E*>(::operator new[]((count + offset) * sizeof(E), std::align_val_t(16)));
-    p = base + offset;
-  }
-  ~Buf() { ::operator delete[](base, std::align_val_t(16)); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
+#include "emulation_common.h"  // f2h / h2f, Buf, kPoison, random draws, case tally, host-check tables
+using namespace emulation;
 
 static std::set<std::pair<int, bool>> g_variants;  // (MT, bf16) kernels that ran
 static std::set<int> g_paths;                      // 16-byte / scalar path per matrix: 2 * matrix + vec
 static std::mt19937 rng(20240611);
-static double urand(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
+static double urand(double lo, double hi) { return uniform(rng, lo, hi); }
 
 template <int MT, bool kBF16>
 static void emulate_grid(const Params& p, const std::vector<int>& order) {
@@ -145,15 +109,15 @@ static bool run_case(const Case& c) {
   const bool bf = c.bf16;
   const int M = c.M, K = c.K, N = c.N, R = c.R;
   const int64_t xs = K + c.x_stride_extra, os = N + c.out_stride_extra;
-  Buf<uint16_t> x(size_t(M - 1) * xs + K, c.misalign & 1);
-  Buf<uint16_t> w(size_t(K) * N, (c.misalign >> 1) & 1);
-  Buf<float> norms(K, 0);
-  Buf<uint16_t> v(size_t(K) * R, (c.misalign >> 2) & 1);
-  Buf<uint16_t> us(size_t(R) * N, (c.misalign >> 3) & 1);
-  Buf<uint16_t> bias(N, (c.misalign >> 4) & 1);
-  Buf<uint16_t> out(size_t(M - 1) * os + N, (c.misalign >> 5) & 1);
+  Buf<uint16_t> x(size_t(M - 1) * xs + K, (c.misalign & 1) ? 2 : 0);
+  Buf<uint16_t> w(size_t(K) * N, (c.misalign & 2) ? 2 : 0);
+  Buf<float> norms(K);
+  Buf<uint16_t> v(size_t(K) * R, (c.misalign & 4) ? 2 : 0);
+  Buf<uint16_t> us(size_t(R) * N, (c.misalign & 8) ? 2 : 0);
+  Buf<uint16_t> bias(N, (c.misalign & 16) ? 2 : 0);
+  Buf<uint16_t> out(size_t(M - 1) * os + N, (c.misalign & 32) ? 2 : 0);
   const int64_t ws_bytes = rsparse_gemv_workspace_bytes(M, N, R);
-  Buf<unsigned char> ws(size_t(ws_bytes), 0);
+  Buf<unsigned char> ws{size_t(ws_bytes)};
   memset(ws.p, 0, size_t(ws_bytes));
 
   for (size_t i = 0; i < x.n; ++i) {
@@ -170,7 +134,7 @@ static bool run_case(const Case& c) {
   for (size_t i = 0; i < v.n; ++i) v.p[i] = f2h(float(urand(-1, 1)), bf);
   for (size_t i = 0; i < us.n; ++i) us.p[i] = f2h(float(urand(-1, 1)), bf);
   for (int n = 0; n < N; ++n) bias.p[n] = f2h(float(urand(-1, 1)), bf);
-  const uint16_t poison = bf ? 0x7FC1 : 0x7E01;  // NaN payloads the kernel never produces
+  const uint16_t poison = kPoison[bf];
   std::fill(out.p, out.p + out.n, poison);
   const float thresholds[] = {-INFINITY, INFINITY, float(urand(0.3, 0.7)), std::numeric_limits<float>::quiet_NaN(),
                               float(urand(0.02, 0.15))};
@@ -268,12 +232,8 @@ static bool run_case(const Case& c) {
   return ok;
 }
 
-static int n_cases = 0, n_fail = 0;
-
 static void run(const Case& c) {
-  ++n_cases;
-  if (run_case(c)) return;
-  ++n_fail;
+  if (tally(run_case(c))) return;
   printf("FAIL M=%d K=%d N=%d R=%d bf16=%d bias=%d thr=%d norms=%d nan_x=%d x_stride+%d out_stride+%d misalign=%d "
          "sms=%d shuffle=%d\n",
          c.M, c.K, c.N, c.R, c.bf16, c.bias, c.thr_mode, c.norm_mode, c.nan_x, c.x_stride_extra, c.out_stride_extra,
@@ -295,11 +255,7 @@ static bool checks_ok() {
   a.x_row_stride = 16, a.out_row_stride = 16;
   a.dtype = DType::kFloat16;
   if (rsparse_gemv_check(a) != nullptr) return false;
-  struct Bad {
-    const char* what;
-    void (*apply)(RSparseGemvArgs&);
-  };
-  const Bad bad[] = {
+  const BadArgs<RSparseGemvArgs> bad[] = {
       {"M = 0", [](RSparseGemvArgs& b) { b.M = 0; }},
       {"M = 9", [](RSparseGemvArgs& b) { b.M = 9; }},
       {"K < 0", [](RSparseGemvArgs& b) { b.K = -1; }},
@@ -313,14 +269,7 @@ static bool checks_ok() {
       {"dtype", [](RSparseGemvArgs& b) { b.dtype = DType(7); }},
       {"grid", [](RSparseGemvArgs& b) { b.K = b.N = (int64_t(1) << 30) - 1; }},
   };
-  for (const Bad& b : bad) {
-    RSparseGemvArgs c = a;
-    b.apply(c);
-    if (rsparse_gemv_check(c) == nullptr) {
-      printf("check accepted bad arguments: %s\n", b.what);
-      return false;
-    }
-  }
+  if (!rejects_all(a, bad, rsparse_gemv_check)) return false;
   RSparseGemvArgs r0 = a;  // R == 0: v and us_t may be null
   r0.R = 0, r0.v = nullptr, r0.us_t = nullptr;
   if (rsparse_gemv_check(r0) != nullptr) return false;

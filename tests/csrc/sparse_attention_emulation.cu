@@ -38,59 +38,18 @@ using namespace efficient_ops;
 using common_detail::cdiv;
 #ifndef __CUDA_ARCH__  // host-only harness (nvcc also parses it in the device pass)
 
-static uint16_t f2h(float f, bool bf16) {
-  uint16_t u;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(f);
-    memcpy(&u, &b, 2);
-  } else {
-    const __half h = __float2half_rn(f);
-    memcpy(&u, &h, 2);
-  }
-  return u;
-}
-static float h2f(uint16_t u, bool bf16) {
-  if (bf16) {
-    const uint32_t bits = uint32_t(u) << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-  }
-  __half_raw raw;
-  raw.x = u;
-  return __half2float(__half(raw));
-}
-
-// An exact-size heap buffer starting `offset_bytes` past a 16-byte boundary, so that ASan flags a read or
-// write one byte past either end.
-template <class E>
-struct Buf {
-  unsigned char* base;
-  E* p;
-  size_t n;
-  Buf(size_t count, size_t offset_bytes = 0) : n(count) {
-    base = static_cast<unsigned char*>(
-        ::operator new[](count * sizeof(E) + offset_bytes + 1, std::align_val_t(16)));  // +1: never size 0
-    p = reinterpret_cast<E*>(base + offset_bytes);
-  }
-  ~Buf() { ::operator delete[](base, std::align_val_t(16)); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
+#include "emulation_common.h"  // f2h / h2f, Buf, NaN poison, random draws, attention reference, tallies
+using namespace emulation;
 
 static std::mt19937_64 rng(20250219);
-static double urand(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
-static int irand(int n) { return int(rng() % uint64_t(n)); }  // [0, n)
+static double urand(double lo, double hi) { return uniform(rng, lo, hi); }
+static int irand(int n) { return below(rng, n); }  // [0, n)
 
-static int n_cases = 0, n_fail = 0;
 static std::set<std::tuple<int, bool, int>> g_bs_variants;  // (D, bf16, RG) block-sparse kernels that ran
 static std::set<std::tuple<int, bool, int>> g_pd_variants;  // (D, bf16, GT) decode kernels that ran
 static std::set<std::pair<int, int>> g_block_pairs;         // (block_m, block_n) that ran
 static std::set<int> g_paths;  // 1: block-sparse 16-byte path, 2: its scalar path, 4 / 8: the same for decode
 static double g_worst = 0;     // largest error / tolerance
-
-static const uint16_t kNanIn[2] = {0x7E00, 0x7FC0};   // NaN in every element no kernel may read (f16, bf16)
-static const uint16_t kPoison[2] = {0x7E01, 0x7FC1};  // NaN payload in the outputs, never produced
 
 // ================================ block-sparse attention =========================================
 
@@ -117,13 +76,10 @@ static bool run_bs(const BSCase& c) {
   const int64_t kt = D + 2 * c.pad, kh = Skv * kt + c.pad, kb = Hkv * kh + 7 * c.pad;
   const int64_t vt = D + c.pad, vh = Skv * vt + 5 * c.pad, vb = Hkv * vh + c.pad;
   const int64_t ot = D + 3 * c.pad, oh = Sq * ot, ob = Hq * oh + c.pad;
-  const auto extent = [&](int64_t n0, int64_t s0, int64_t n1, int64_t s1, int64_t n2, int64_t s2) {
-    return n2 == 0 ? size_t(0) : size_t((n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + D);
-  };
-  Buf<uint16_t> q(extent(B, qb, Hq, qh, Sq, qt), (c.misalign & 1) ? 2 : 0);
-  Buf<uint16_t> k(extent(B, kb, Hkv, kh, Skv, kt), (c.misalign & 2) ? 2 : 0);
-  Buf<uint16_t> v(extent(B, vb, Hkv, vh, Skv, vt), (c.misalign & 4) ? 2 : 0);
-  Buf<uint16_t> out(extent(B, ob, Hq, oh, Sq, ot), (c.misalign & 8) ? 2 : 0);
+  Buf<uint16_t> q(strided_extent({{B, qb}, {Hq, qh}, {Sq, qt}}, D), (c.misalign & 1) ? 2 : 0);
+  Buf<uint16_t> k(strided_extent({{B, kb}, {Hkv, kh}, {Skv, kt}}, D), (c.misalign & 2) ? 2 : 0);
+  Buf<uint16_t> v(strided_extent({{B, vb}, {Hkv, vh}, {Skv, vt}}, D), (c.misalign & 4) ? 2 : 0);
+  Buf<uint16_t> out(strided_extent({{B, ob}, {Hq, oh}, {Sq, ot}}, D), (c.misalign & 8) ? 2 : 0);
   Buf<float> lse(size_t(B) * Hq * Sq);
   std::fill(q.p, q.p + q.n, kNanIn[bf]);
   std::fill(k.p, k.p + k.n, kNanIn[bf]);
@@ -231,9 +187,7 @@ static bool run_bs(const BSCase& c) {
   const Params p = make_params(a);
   g_paths.insert((p.q_vec && p.k_vec && p.v_vec && p.out_vec) ? 1 : 2);
   g_block_pairs.insert({bm, bn});
-  std::vector<int64_t> order(grid_blocks(a));
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  if (c.shuffle) std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int64_t> order = block_order(grid_blocks(a), c.shuffle, rng);
   dispatch(a, [&](auto d, auto bf16, auto rg) {
     constexpr int kD = decltype(d)::value;
     constexpr bool kBF = decltype(bf16)::value;
@@ -251,7 +205,7 @@ static bool run_bs(const BSCase& c) {
   bool ok = true;
   const double u_p = bf ? 1.0 / 512 : 1.0 / 4096;  // P rounded to the dtype before P V
   const double u_o = bf ? 1.0 / 128 : 1.0 / 1024;  // output rounding: one ulp
-  double num = 0, den = 0;
+  RelativeError rel;
   std::vector<int> keys;
   std::vector<double> sc, acc(D), absacc(D);
   for (int b = 0; b < B && ok; ++b)
@@ -259,33 +213,17 @@ static bool run_bs(const BSCase& c) {
       const int kvh = h / G;
       for (int i = 0; i < Sq && ok; ++i) {
         keys_of(b, h, i, keys);
-        sc.assign(keys.size(), 0);
-        double mx = -INFINITY;
-        for (size_t x = 0; x < keys.size(); ++x) {
-          double dot = 0;
-          for (int d = 0; d < D; ++d)
-            dot += double(h2f(q.p[b * qb + h * qh + i * qt + d], bf)) * h2f(k.p[b * kb + kvh * kh + keys[x] * kt + d], bf);
-          sc[x] = double(a.scale) * dot;
-          mx = std::max(mx, sc[x]);
-        }
-        double l = 0;
-        for (double& s : sc) l += (s = std::exp(s - mx));
-        std::fill(acc.begin(), acc.end(), 0.0);
-        std::fill(absacc.begin(), absacc.end(), 0.0);
-        for (size_t x = 0; x < keys.size(); ++x)
-          for (int d = 0; d < D; ++d) {
-            const double vv = h2f(v.p[b * vb + kvh * vh + keys[x] * vt + d], bf);
-            acc[d] += sc[x] / l * vv;
-            absacc[d] += sc[x] / l * std::fabs(vv);
-          }
+        double mx, l;
+        attention_row_reference(
+            q.p + b * qb + h * qh + i * qt, keys, [&](int j) { return k.p + b * kb + kvh * kh + j * kt; },
+            [&](int j) { return v.p + b * vb + kvh * vh + j * vt; }, D, bf, a.scale, sc, acc, absacc, mx, l);
         for (int d = 0; d < D; ++d) {
           const uint16_t bits = out.p[b * ob + h * oh + i * ot + d];
           const double got = h2f(bits, bf), ref = acc[d];
           const double tol = 2 * u_p * absacc[d] + u_o * std::fabs(ref) + 1e-6;
           const double err = std::fabs(got - ref);
           if (std::isfinite(got)) g_worst = std::max(g_worst, err / tol);
-          num += err * err;
-          den += ref * ref;
+          rel.add(err, ref);
           if (bits == kPoison[bf] || !std::isfinite(got) || err > tol || (keys.empty() && bits != 0)) {
             printf("  MISMATCH b=%d h=%d i=%d d=%d got=%.7g (0x%04x) ref=%.7g tol=%.3g keys=%zu\n", b, h, i, d, got,
                    bits, ref, tol, keys.size());
@@ -304,22 +242,9 @@ static bool run_bs(const BSCase& c) {
         }
       }
     }
-  if (ok && den > 0 && std::sqrt(num / den) > 1e-2) {
-    printf("  relative error %.3g\n", std::sqrt(num / den));
-    ok = false;
-  }
+  ok = ok && rel.within(1e-2);
   if (ok) {  // padding between output rows / heads / batch rows untouched; lse untouched when not wanted
-    std::vector<char> mine(out.n, 0);
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < Hq; ++h)
-        for (int i = 0; i < Sq; ++i)
-          for (int d = 0; d < D; ++d) mine[b * ob + h * oh + i * ot + d] = 1;
-    for (size_t e = 0; e < out.n; ++e)
-      if (!mine[e] && out.p[e] != kPoison[bf]) {
-        printf("  wrote output padding at element %zu\n", e);
-        ok = false;
-        break;
-      }
+    ok = padding_untouched(out, bf, {{B, ob}, {Hq, oh}, {Sq, ot}}, D);
     if (!c.lse)
       for (size_t e = 0; e < lse.n && ok; ++e)
         if (!std::isnan(lse.p[e])) {
@@ -331,9 +256,7 @@ static bool run_bs(const BSCase& c) {
 }
 
 static void run(const BSCase& c) {
-  ++n_cases;
-  if (run_bs(c)) return;
-  ++n_fail;
+  if (tally(run_bs(c))) return;
   printf("FAIL block_sparse (%s) B=%d Hq=%d Hkv=%d Sq=%d Skv=%d D=%d bm=%d bn=%d causal=%d bf16=%d lse=%d mask=%d%d "
          "density=%.2f empty=%d garbage=%d pad=%d misalign=%d\n",
          c.what, c.B, c.Hq, c.Hkv, c.Sq, c.Skv, c.D, c.bm, c.bn, c.causal, c.bf16, c.lse, c.mask_b, c.mask_h,
@@ -451,10 +374,10 @@ static bool run_pd(const PDCase& c) {
   const int64_t kt = D + c.pad, kh = S * kt + 5 * c.pad, kb = Hkv * kh + c.pad;
   const int64_t vt = D + 2 * c.pad, vh = S * vt + c.pad, vb = Hkv * vh + 3 * c.pad;
   const int64_t oh = D + 3 * c.pad, ob = Hq * oh + c.pad;
-  Buf<uint16_t> q(size_t((B - 1) * qb + (Hq - 1) * qh + D), (c.misalign & 1) ? 2 : 0);
-  Buf<uint16_t> k(S == 0 ? 0 : size_t((B - 1) * kb + (Hkv - 1) * kh + (S - 1) * kt + D), (c.misalign & 2) ? 2 : 0);
-  Buf<uint16_t> v(S == 0 ? 0 : size_t((B - 1) * vb + (Hkv - 1) * vh + (S - 1) * vt + D), (c.misalign & 4) ? 2 : 0);
-  Buf<uint16_t> out(size_t((B - 1) * ob + (Hq - 1) * oh + D), (c.misalign & 8) ? 2 : 0);
+  Buf<uint16_t> q(strided_extent({{B, qb}, {Hq, qh}}, D), (c.misalign & 1) ? 2 : 0);
+  Buf<uint16_t> k(strided_extent({{B, kb}, {Hkv, kh}, {S, kt}}, D), (c.misalign & 2) ? 2 : 0);
+  Buf<uint16_t> v(strided_extent({{B, vb}, {Hkv, vh}, {S, vt}}, D), (c.misalign & 4) ? 2 : 0);
+  Buf<uint16_t> out(strided_extent({{B, ob}, {Hq, oh}}, D), (c.misalign & 8) ? 2 : 0);
   Buf<int64_t> seq(B);
   Buf<int32_t> pages(size_t(B) * Hkv * n_sel);
   std::fill(q.p, q.p + q.n, kNanIn[bf]);
@@ -520,13 +443,9 @@ static bool run_pd(const PDCase& c) {
   a.scale = float(1.0 / std::sqrt(double(D)) * (1 + 2 * urand(0, 1)));
   a.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
   const int64_t ws_bytes = paged_sparse_decode_workspace_bytes(B, Hq, D, c.splits);
-  if (ws_bytes <= 0) {
-    printf("  workspace_bytes = %lld\n", (long long)ws_bytes);
-    return false;
-  }
-  Buf<unsigned char> ws{size_t(ws_bytes)};
-  memset(ws.p, 0xFF, size_t(ws_bytes));  // NaN floats: every workspace value read must be written first
-  a.workspace = ws.p;
+  const auto ws = poisoned_workspace(ws_bytes);  // every workspace value read must be written first
+  if (!ws) return false;
+  a.workspace = ws->p;
   if (const char* e = paged_sparse_decode_check(a)) {
     printf("  check failed: %s\n", e);
     return false;
@@ -535,9 +454,7 @@ static bool run_pd(const PDCase& c) {
   using namespace paged_decode_detail;
   const Params p = make_params(a);
   g_paths.insert((p.k_vec && p.v_vec) ? 4 : 8);
-  std::vector<int64_t> order(decode_blocks(a));
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  if (c.shuffle) std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int64_t> order = block_order(decode_blocks(a), c.shuffle, rng);
   dispatch(a, [&](auto d, auto bf16, auto gt) {
     constexpr int kD = decltype(d)::value;
     constexpr bool kBF = decltype(bf16)::value;
@@ -554,39 +471,23 @@ static bool run_pd(const PDCase& c) {
 
   bool ok = true;
   const double u_o = bf ? 1.0 / 128 : 1.0 / 1024;  // output rounding: one ulp
-  double num = 0, den = 0;
+  RelativeError rel;
   std::vector<double> sc, acc(D), absacc(D);
   for (int b = 0; b < B && ok; ++b)
     for (int h = 0; h < Hq && ok; ++h) {
       const int kvh = h / G;
       keys_of(b, kvh, keys);
-      sc.assign(keys.size(), 0);
-      double mx = -INFINITY;
-      for (size_t x = 0; x < keys.size(); ++x) {
-        double dot = 0;
-        for (int d = 0; d < D; ++d)
-          dot += double(h2f(q.p[b * qb + h * qh + d], bf)) * h2f(k.p[b * kb + kvh * kh + keys[x] * kt + d], bf);
-        sc[x] = double(a.scale) * dot;
-        mx = std::max(mx, sc[x]);
-      }
-      double l = 0;
-      for (double& s : sc) l += (s = std::exp(s - mx));
-      std::fill(acc.begin(), acc.end(), 0.0);
-      std::fill(absacc.begin(), absacc.end(), 0.0);
-      for (size_t x = 0; x < keys.size(); ++x)
-        for (int d = 0; d < D; ++d) {
-          const double vv = h2f(v.p[b * vb + kvh * vh + keys[x] * vt + d], bf);
-          acc[d] += sc[x] / l * vv;
-          absacc[d] += sc[x] / l * std::fabs(vv);
-        }
+      double mx, l;
+      attention_row_reference(
+          q.p + b * qb + h * qh, keys, [&](int s) { return k.p + b * kb + kvh * kh + s * kt; },
+          [&](int s) { return v.p + b * vb + kvh * vh + s * vt; }, D, bf, a.scale, sc, acc, absacc, mx, l);
       for (int d = 0; d < D; ++d) {
         const uint16_t bits = out.p[b * ob + h * oh + d];
         const double got = h2f(bits, bf), ref = acc[d];
         const double tol = 1e-5 * absacc[d] + u_o * std::fabs(ref) + 1e-6;
         const double err = std::fabs(got - ref);
         if (std::isfinite(got)) g_worst = std::max(g_worst, err / tol);
-        num += err * err;
-        den += ref * ref;
+        rel.add(err, ref);
         if (bits == kPoison[bf] || !std::isfinite(got) || err > tol || (keys.empty() && bits != 0)) {
           printf("  MISMATCH b=%d h=%d d=%d got=%.7g (0x%04x) ref=%.7g tol=%.3g keys=%zu\n", b, h, d, got, bits, ref,
                  tol, keys.size());
@@ -595,29 +496,13 @@ static bool run_pd(const PDCase& c) {
         }
       }
     }
-  if (ok && den > 0 && std::sqrt(num / den) > 1e-2) {
-    printf("  relative error %.3g\n", std::sqrt(num / den));
-    ok = false;
-  }
-  if (ok) {
-    std::vector<char> mine(out.n, 0);
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < Hq; ++h)
-        for (int d = 0; d < D; ++d) mine[b * ob + h * oh + d] = 1;
-    for (size_t e = 0; e < out.n; ++e)
-      if (!mine[e] && out.p[e] != kPoison[bf]) {
-        printf("  wrote output padding at element %zu\n", e);
-        ok = false;
-        break;
-      }
-  }
+  ok = ok && rel.within(1e-2);
+  ok = ok && padding_untouched(out, bf, {{B, ob}, {Hq, oh}}, D);
   return ok;
 }
 
 static void run(const PDCase& c) {
-  ++n_cases;
-  if (run_pd(c)) return;
-  ++n_fail;
+  if (tally(run_pd(c))) return;
   printf("FAIL paged_decode (%s) B=%d Hq=%d Hkv=%d D=%d S_max=%d page=%d n_sel=%d splits=%d bf16=%d sel=%d pad=%d "
          "misalign=%d seq[0]=%lld\n",
          c.what, c.B, c.Hq, c.Hkv, c.D, c.S_max, c.page_size, c.n_sel, c.splits, c.bf16, c.sel, c.pad, c.misalign,

@@ -36,51 +36,13 @@
 using namespace efficient_ops;
 #ifndef __CUDA_ARCH__  // host-only harness (nvcc also parses it in the device pass)
 
-static uint16_t f2h(float f, bool bf16) {
-  uint16_t u;
-  if (bf16) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(f);
-    memcpy(&u, &b, 2);
-  } else {
-    const __half h = __float2half_rn(f);
-    memcpy(&u, &h, 2);
-  }
-  return u;
-}
-static float h2f(uint16_t u, bool bf16) {
-  if (bf16) {
-    const uint32_t bits = uint32_t(u) << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-  }
-  __half_raw raw;
-  raw.x = u;
-  return __half2float(__half(raw));
-}
-
-// An exact-size heap buffer starting `offset_bytes` past a 16-byte boundary, so that ASan flags a read or
-// write one byte past either end.
-template <class E>
-struct Buf {
-  unsigned char* base;
-  E* p;
-  size_t n;
-  Buf(size_t count, size_t offset_bytes = 0) : n(count) {
-    base = static_cast<unsigned char*>(
-        ::operator new[](count * sizeof(E) + offset_bytes + 1, std::align_val_t(16)));  // +1: never size 0
-    p = reinterpret_cast<E*>(base + offset_bytes);
-  }
-  ~Buf() { ::operator delete[](base, std::align_val_t(16)); }
-  Buf(const Buf&) = delete;
-  Buf& operator=(const Buf&) = delete;
-};
+#include "emulation_common.h"  // f2h / h2f, Buf, NaN poison, random draws, attention reference, tallies
+using namespace emulation;
 
 static std::mt19937_64 rng(20240917);
-static double urand(double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); }
-static int irand(int n) { return int(rng() % uint64_t(n)); }  // [0, n)
+static double urand(double lo, double hi) { return uniform(rng, lo, hi); }
+static int irand(int n) { return below(rng, n); }  // [0, n)
 
-static int n_cases = 0, n_fail = 0;
 static std::set<std::pair<int, bool>> g_variants;  // (D, bf16) attention kernels that ran
 static std::set<int> g_paths;                      // bit 0: q/k/v 16-byte path ran, bit 1: scalar path ran
 static double g_worst = 0;                         // largest error / tolerance
@@ -129,19 +91,14 @@ static bool run_attention(const AttnCase& c) {
   const int64_t kt = D + c.pad, kh = S * kt + c.pad * 7, kb = Hkv * kh + c.pad;
   const int64_t vt = D + 2 * c.pad, vh = S * vt + c.pad, vb = Hkv * vh + c.pad * 3;
   const int64_t ot = D + 3 * c.pad, oh = T * ot, ob = Hq * oh + c.pad;
-  const auto extent = [&](int64_t n0, int64_t s0, int64_t n1, int64_t s1, int64_t n2, int64_t s2) {
-    return size_t((n0 - 1) * s0 + (n1 - 1) * s1 + (n2 - 1) * s2 + D);
-  };
-  Buf<uint16_t> q(extent(B, qb, Hq, qh, T, qt), (c.misalign & 1) ? 2 : 0);
-  Buf<uint16_t> k(extent(B, kb, Hkv, kh, S, kt), (c.misalign & 2) ? 2 : 0);
-  Buf<uint16_t> v(extent(B, vb, Hkv, vh, S, vt), (c.misalign & 4) ? 2 : 0);
-  Buf<uint16_t> out(extent(B, ob, Hq, oh, T, ot), (c.misalign & 8) ? 2 : 0);
-  const uint16_t nan_in = bf ? 0x7FC0 : 0x7E00;   // NaN in every element no kernel may read
-  const uint16_t poison = bf ? 0x7FC1 : 0x7E01;   // NaN payload in the output, never produced
-  std::fill(q.p, q.p + q.n, nan_in);
-  std::fill(k.p, k.p + k.n, nan_in);
-  std::fill(v.p, v.p + v.n, nan_in);
-  std::fill(out.p, out.p + out.n, poison);
+  Buf<uint16_t> q(strided_extent({{B, qb}, {Hq, qh}, {T, qt}}, D), (c.misalign & 1) ? 2 : 0);
+  Buf<uint16_t> k(strided_extent({{B, kb}, {Hkv, kh}, {S, kt}}, D), (c.misalign & 2) ? 2 : 0);
+  Buf<uint16_t> v(strided_extent({{B, vb}, {Hkv, vh}, {S, vt}}, D), (c.misalign & 4) ? 2 : 0);
+  Buf<uint16_t> out(strided_extent({{B, ob}, {Hq, oh}, {T, ot}}, D), (c.misalign & 8) ? 2 : 0);
+  std::fill(q.p, q.p + q.n, kNanIn[bf]);  // NaN in every element no kernel may read
+  std::fill(k.p, k.p + k.n, kNanIn[bf]);
+  std::fill(v.p, v.p + v.n, kNanIn[bf]);
+  std::fill(out.p, out.p + out.n, kPoison[bf]);
 
   const bool shared_tree = c.trees.size() == 1;
   Buf<int64_t> prefix(B), parents(shared_tree ? size_t(T) : size_t(B) * (T + 3));
@@ -178,13 +135,9 @@ static bool run_attention(const AttnCase& c) {
   a.scale = float(1.0 / std::sqrt(double(D)) * (1 + 0.5 * urand(0, 1)));
   a.dtype = bf ? DType::kBFloat16 : DType::kFloat16;
   const int64_t ws_bytes = tree_attention_workspace_bytes(B, Hq, T, D, c.splits);
-  if (ws_bytes <= 0) {
-    printf("  workspace_bytes = %lld\n", (long long)ws_bytes);
-    return false;
-  }
-  Buf<unsigned char> ws{size_t(ws_bytes)};
-  memset(ws.p, 0xFF, size_t(ws_bytes));  // NaN floats: every workspace value read must be written first
-  a.workspace = ws.p;
+  const auto ws = poisoned_workspace(ws_bytes);  // every workspace value read must be written first
+  if (!ws) return false;
+  a.workspace = ws->p;
   if (const char* e = tree_attention_check(a)) {
     printf("  check failed: %s\n", e);
     return false;
@@ -194,9 +147,7 @@ static bool run_attention(const AttnCase& c) {
   const Params p = make_params(a);
   g_paths.insert((p.q_vec && p.k_vec && p.v_vec) ? 1 : 2);
   if (!p.q_vec || !p.k_vec || !p.v_vec) g_paths.insert(2);
-  std::vector<int64_t> order(attention_blocks(p));
-  for (size_t i = 0; i < order.size(); ++i) order[i] = int64_t(i);
-  if (c.shuffle) std::shuffle(order.begin(), order.end(), rng);
+  const std::vector<int64_t> order = block_order(attention_blocks(p), c.shuffle, rng);
   dispatch(a, [&](auto d, auto bf16) {
     constexpr int kD = decltype(d)::value;
     constexpr bool kBF = decltype(bf16)::value;
@@ -214,7 +165,7 @@ static bool run_attention(const AttnCase& c) {
   bool ok = true;
   const double u_p = bf ? 1.0 / 512 : 1.0 / 4096;   // P rounded to the dtype before P V
   const double u_o = bf ? 1.0 / 256 : 1.0 / 2048;   // output rounding (one ulp, generous)
-  double num = 0, den = 0;
+  RelativeError rel;
   std::vector<int64_t> keys;
   std::vector<double> sc, acc(D), absacc(D);
   for (int b = 0; b < B && ok; ++b) {
@@ -230,34 +181,18 @@ static bool run_attention(const AttnCase& c) {
           if (cur == 0 || pp < 0 || pp >= cur) break;
           cur = pp;
         }
-        sc.assign(keys.size(), 0);
-        double mx = -INFINITY;
-        for (size_t x = 0; x < keys.size(); ++x) {
-          double dot = 0;
-          for (int d = 0; d < D; ++d)
-            dot += double(h2f(q.p[b * qb + h * qh + i * qt + d], bf)) * h2f(k.p[b * kb + kvh * kh + keys[x] * kt + d], bf);
-          sc[x] = double(a.scale) * dot;
-          mx = std::max(mx, sc[x]);
-        }
-        double l = 0;
-        for (double& s : sc) l += (s = std::exp(s - mx));
-        std::fill(acc.begin(), acc.end(), 0.0);
-        std::fill(absacc.begin(), absacc.end(), 0.0);
-        for (size_t x = 0; x < keys.size(); ++x)
-          for (int d = 0; d < D; ++d) {
-            const double vv = h2f(v.p[b * vb + kvh * vh + keys[x] * vt + d], bf);
-            acc[d] += sc[x] / l * vv;
-            absacc[d] += sc[x] / l * std::fabs(vv);
-          }
+        double mx, l;
+        attention_row_reference(
+            q.p + b * qb + h * qh + i * qt, keys, [&](int64_t s) { return k.p + b * kb + kvh * kh + s * kt; },
+            [&](int64_t s) { return v.p + b * vb + kvh * vh + s * vt; }, D, bf, a.scale, sc, acc, absacc, mx, l);
         for (int d = 0; d < D; ++d) {
           const uint16_t bits = out.p[b * ob + h * oh + i * ot + d];
           const double got = h2f(bits, bf), ref = acc[d];
           const double tol = 2 * u_p * absacc[d] + u_o * std::fabs(ref) + 1e-6;
           const double err = std::fabs(got - ref);
           if (std::isfinite(got)) g_worst = std::max(g_worst, err / tol);
-          num += err * err;
-          den += ref * ref;
-          if (bits == poison || !std::isfinite(got) || err > tol) {
+          rel.add(err, ref);
+          if (bits == kPoison[bf] || !std::isfinite(got) || err > tol) {
             printf("  MISMATCH b=%d h=%d i=%d d=%d got=%.7g (0x%04x) ref=%.7g tol=%.3g keys=%zu\n", b, h, i, d, got,
                    bits, ref, tol, keys.size());
             ok = false;
@@ -267,31 +202,14 @@ static bool run_attention(const AttnCase& c) {
       }
     }
   }
-  if (ok && den > 0 && std::sqrt(num / den) > 1e-2) {
-    printf("  relative error %.3g\n", std::sqrt(num / den));
-    ok = false;
-  }
+  ok = ok && rel.within(1e-2);
   // Padding between output rows / heads / batch rows must be untouched.
-  if (ok) {
-    std::vector<char> mine(out.n, 0);
-    for (int b = 0; b < B; ++b)
-      for (int h = 0; h < Hq; ++h)
-        for (int i = 0; i < T; ++i)
-          for (int d = 0; d < D; ++d) mine[b * ob + h * oh + i * ot + d] = 1;
-    for (size_t e = 0; e < out.n; ++e)
-      if (!mine[e] && out.p[e] != poison) {
-        printf("  wrote output padding at element %zu\n", e);
-        ok = false;
-        break;
-      }
-  }
+  ok = ok && padding_untouched(out, bf, {{B, ob}, {Hq, oh}, {T, ot}}, D);
   return ok;
 }
 
 static void run(const AttnCase& c) {
-  ++n_cases;
-  if (run_attention(c)) return;
-  ++n_fail;
+  if (tally(run_attention(c))) return;
   printf("FAIL attention (%s) B=%d Hq=%d Hkv=%d T=%d D=%d S_max=%d splits=%d bf16=%d trees=%zu pad=%d misalign=%d "
          "prefix[0]=%lld\n",
          c.what, c.B, c.Hq, c.Hkv, c.T, c.D, c.S_max, c.splits, c.bf16, c.trees.size(), c.pad, c.misalign,
@@ -397,11 +315,7 @@ static bool attention_checks_ok() {
     printf("check rejected good arguments: %s\n", e);
     return false;
   }
-  struct Bad {
-    const char* what;
-    void (*apply)(TreeAttentionArgs&);
-  };
-  const Bad bad[] = {
+  const BadArgs<TreeAttentionArgs> bad[] = {
       {"dtype", [](TreeAttentionArgs& b) { b.dtype = DType(5); }},
       {"B = 0", [](TreeAttentionArgs& b) { b.B = 0; }},
       {"Hq % Hkv", [](TreeAttentionArgs& b) { b.Hkv = 3; }},
@@ -421,14 +335,7 @@ static bool attention_checks_ok() {
       {"null parents", [](TreeAttentionArgs& b) { b.parents = nullptr; }},
       {"workspace 8", [](TreeAttentionArgs& b) { b.workspace = mem + 8; }},
   };
-  for (const Bad& b : bad) {
-    TreeAttentionArgs c = a;
-    b.apply(c);
-    if (tree_attention_check(c) == nullptr) {
-      printf("check accepted bad arguments: %s\n", b.what);
-      return false;
-    }
-  }
+  if (!rejects_all(a, bad, tree_attention_check)) return false;
   // Sizing: workspace = (splits + 1) * rows * (D + 1) floats, in two 256-byte aligned parts.
   const int64_t rows = 1 * 4 * 3 * 3;
   const int64_t want = (rows * 64 * 4 + 255) / 256 * 256 + (rows * 4 + 255) / 256 * 256;
@@ -545,9 +452,7 @@ static bool run_compact(const KVCase& c) {
 }
 
 static void run(const KVCase& c) {
-  ++n_cases;
-  if (run_compact(c)) return;
-  ++n_fail;
+  if (tally(run_compact(c))) return;
   printf("FAIL compact_kv L=%d B=%d Hkv=%d S_max=%d D=%d P=%d eb=%d pad=%d misalign=%d garbage=%d full=%d\n", c.L,
          c.B, c.Hkv, c.S_max, c.D, c.P, c.eb, c.pad, c.misalign, c.garbage, c.full);
 }
@@ -584,11 +489,7 @@ static bool compact_checks_ok() {
   a.accepted_batch_stride = 8;
   a.elem_bytes = 2;
   if (compact_kv_check(a) != nullptr) return false;
-  struct Bad {
-    const char* what;
-    void (*apply)(CompactKVArgs&);
-  };
-  const Bad bad[] = {
+  const BadArgs<CompactKVArgs> bad[] = {
       {"elem_bytes 3", [](CompactKVArgs& b) { b.elem_bytes = 3; }},
       {"L 0", [](CompactKVArgs& b) { b.L = 0; }},
       {"P 0", [](CompactKVArgs& b) { b.P = 0; }},
@@ -603,15 +504,7 @@ static bool compact_checks_ok() {
       {"null accept_len", [](CompactKVArgs& b) { b.accept_len = nullptr; }},
       {"grid", [](CompactKVArgs& b) { b.L = b.B = b.Hkv = int64_t(1) << 20; }},
   };
-  for (const Bad& b : bad) {
-    CompactKVArgs c = a;
-    b.apply(c);
-    if (compact_kv_check(c) == nullptr) {
-      printf("compact_kv check accepted bad arguments: %s\n", b.what);
-      return false;
-    }
-  }
-  return true;
+  return rejects_all(a, bad, compact_kv_check, "compact_kv ");
 }
 
 int main() {
