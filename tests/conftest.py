@@ -87,6 +87,22 @@ def tiny_llama():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_emulation(exe, *args, timeout: int = 600) -> str:
+    """Run an emulation binary (UBSan halting on the first error); assert it succeeded; return its stdout."""
+    run = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "UBSAN_OPTIONS": "halt_on_error=1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def extension_has(name: str) -> bool:
+    """Whether the built efficient_ops._C exports ``name``."""
+    from efficient_ops import backends
+
+    ext = backends.extension()
+    return ext is not None and hasattr(ext, name)
+
+
 def build_emulation(tmp_path_factory, family: str, harness: str = None):
     """Compile the CPU emulation of ``csrc/<family>/<family>_gemv.cu`` (its harness is
     ``tests/csrc/<family>_gemv_emulation.cu``) under AddressSanitizer and UBSan; skip without nvcc.

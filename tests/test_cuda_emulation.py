@@ -1,16 +1,13 @@
 """The CUDA GEMV without a GPU: its per-warp code emulated on the CPU under AddressSanitizer, and the
 extension's host-side argument checks."""
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from efficient_ops import backends
 from efficient_ops.quant import lowbit
 
-from conftest import build_emulation
+from conftest import build_emulation, run_emulation
 
 
 @pytest.fixture(scope="module")
@@ -20,19 +17,16 @@ def emulation(tmp_path_factory):
 
 
 def test_gemv_lane_code_emulated_under_asan(emulation):
-    run = subprocess.run([str(emulation)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "UBSAN_OPTIONS": "halt_on_error=1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "emulation: 1777 cases ok, 0 failed" in run.stdout
+    stdout = run_emulation(emulation)
+    assert "emulation: 1777 cases ok, 0 failed" in stdout
 
 
 def test_emulation_packer_matches_pack_levels(emulation):
     # The emulation packs levels with its own code, written from the format specification; here it
     # must agree with the Python packer, so that the two cannot share a misreading with the kernel.
-    run = subprocess.run([str(emulation), "--pack"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
+    stdout = run_emulation(emulation, "--pack", timeout=60)
     bits = {"w4": 4, "w3": 3, "w2": 2, "ternary": 1.58, "w1": 1}
-    lines = run.stdout.split("\n")[:len(bits)]
+    lines = stdout.split("\n")[:len(bits)]
     for line in lines:
         name, *words = line.split()
         fmt = lowbit.get_format(bits[name])

@@ -1,16 +1,14 @@
 """The CUDA R-Sparse GEMV without a GPU: its block program emulated on the CPU under AddressSanitizer, and
 the extension's host-side argument checks."""
 
-import os
 import re
-import subprocess
 
 import pytest
 import torch
 
 from efficient_ops import backends
 
-from conftest import build_emulation
+from conftest import build_emulation, run_emulation
 
 
 @pytest.fixture(scope="module")
@@ -20,20 +18,17 @@ def emulation(tmp_path_factory):
 
 
 def test_rsparse_block_program_emulated_under_asan(emulation):
-    run = subprocess.run([str(emulation)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "UBSAN_OPTIONS": "halt_on_error=1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "host checks ok" in run.stdout
-    assert "all 8 kernel variants and both load paths" in run.stdout
-    assert "emulation: 439 cases ok, 0 failed" in run.stdout
+    stdout = run_emulation(emulation)
+    assert "host checks ok" in stdout
+    assert "all 8 kernel variants and both load paths" in stdout
+    assert "emulation: 439 cases ok, 0 failed" in stdout
 
 
 def test_rsparse_layout_fills_the_gpu_on_llama_shapes(emulation):
     # Each role of the grid gets about 2 blocks per SM on the Llama-3-8B shapes at R = 2048 (one H100
     # has 132 SMs), and the tiles of role A read each weight_t element of an active row once.
-    run = subprocess.run([str(emulation), "--layout"], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    rows = [line for line in run.stdout.splitlines() if line.startswith("sms=132") and " R=2048 " in line]
+    stdout = run_emulation(emulation, "--layout", timeout=60)
+    rows = [line for line in stdout.splitlines() if line.startswith("sms=132") and " R=2048 " in line]
     assert len(rows) == 3
     for line in rows:
         blocks = [int(b) for b in re.findall(r"= (\d+)", line)]

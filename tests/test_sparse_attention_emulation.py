@@ -2,15 +2,12 @@
 GPU: their block programs emulated on the CPU under AddressSanitizer, and the extension's host-side argument
 checks."""
 
-import os
-import subprocess
-
 import pytest
 import torch
 
 from efficient_ops import backends
 
-from conftest import build_emulation
+from conftest import build_emulation, extension_has, run_emulation
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +17,16 @@ def emulation(tmp_path_factory):
 
 
 def test_sparse_attention_block_programs_emulated_under_asan(emulation):
-    run = subprocess.run([str(emulation)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "UBSAN_OPTIONS": "halt_on_error=1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "host checks ok" in run.stdout
+    stdout = run_emulation(emulation)
+    assert "host checks ok" in stdout
     assert ("all 12 block-sparse and 20 decode kernel variants, all 16 block-size pairs and both load paths ran"
-            in run.stdout)
-    assert "emulation: 80 cases ok, 0 failed" in run.stdout
+            in stdout)
+    assert "emulation: 80 cases ok, 0 failed" in stdout
 
 
-def _has(name):
-    ext = backends.extension()
-    return ext is not None and hasattr(ext, name)
-
-
-needs_block_sparse = pytest.mark.skipif(not _has("block_sparse_attention"),
+needs_block_sparse = pytest.mark.skipif(not extension_has("block_sparse_attention"),
                                         reason="efficient_ops._C is not built with block_sparse_attention")
-needs_decode = pytest.mark.skipif(not _has("paged_sparse_decode"),
+needs_decode = pytest.mark.skipif(not extension_has("paged_sparse_decode"),
                                   reason="efficient_ops._C is not built with paged_sparse_decode")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU launch error")
 

@@ -2,15 +2,13 @@
 programs emulated on the CPU under AddressSanitizer, and the extension's host-side argument checks."""
 
 import math
-import os
-import subprocess
 
 import pytest
 import torch
 
 from efficient_ops import backends
 
-from conftest import build_emulation
+from conftest import build_emulation, extension_has, run_emulation
 
 
 @pytest.fixture(scope="module")
@@ -20,26 +18,19 @@ def emulation(tmp_path_factory):
 
 
 def test_speculative_block_programs_emulated_under_asan(emulation):
-    run = subprocess.run([str(emulation)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "UBSAN_OPTIONS": "halt_on_error=1"})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "host checks ok" in run.stdout
-    assert "all 4 attention kernel variants, both load paths of tree_attention and of compact_kv ran" in run.stdout
-    assert "emulation: 137 cases ok, 0 failed" in run.stdout
+    stdout = run_emulation(emulation)
+    assert "host checks ok" in stdout
+    assert "all 4 attention kernel variants, both load paths of tree_attention and of compact_kv ran" in stdout
+    assert "emulation: 137 cases ok, 0 failed" in stdout
 
 
 needs_extension = pytest.mark.skipif(backends.extension() is None, reason="efficient_ops._C is not built")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU launch error")
 
 
-def _has(name):
-    ext = backends.extension()
-    return ext is not None and hasattr(ext, name)
-
-
-needs_tree_attention = pytest.mark.skipif(not _has("tree_attention"),
+needs_tree_attention = pytest.mark.skipif(not extension_has("tree_attention"),
                                           reason="efficient_ops._C is not built with tree_attention")
-needs_compact_kv = pytest.mark.skipif(not _has("compact_kv"), reason="efficient_ops._C is not built with compact_kv")
+needs_compact_kv = pytest.mark.skipif(not extension_has("compact_kv"), reason="efficient_ops._C is not built with compact_kv")
 
 # Pointers only need to pass the alignment checks: without a GPU (or with the checks failing) nothing is
 # dereferenced.
