@@ -24,13 +24,11 @@ def test_speculative_block_programs_emulated_under_asan(emulation):
     assert "emulation: 137 cases ok, 0 failed" in stdout
 
 
-needs_extension = pytest.mark.skipif(backends.extension() is None, reason="efficient_ops._C is not built")
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU launch error")
-
-
 needs_tree_attention = pytest.mark.skipif(not extension_has("tree_attention"),
                                           reason="efficient_ops._C is not built with tree_attention")
-needs_compact_kv = pytest.mark.skipif(not extension_has("compact_kv"), reason="efficient_ops._C is not built with compact_kv")
+needs_compact_kv = pytest.mark.skipif(not extension_has("compact_kv"),
+                                      reason="efficient_ops._C is not built with compact_kv")
 
 # Pointers only need to pass the alignment checks: without a GPU (or with the checks failing) nothing is
 # dereferenced.
