@@ -3,7 +3,7 @@
 //   * Elem<kBF16> (float16 / bfloat16 bits <-> float; to_float2 widens both halves of a word, for
 //     csrc/rsparse/rsparse_gemv.cu), pack2 (an mma operand word), unpack8;
 //   * memory helpers: __ldg loads of indices, 16-byte shared / global accesses, cp.async (16 bytes, commit,
-//     wait), 8-element row loads for rows that are not 16-byte aligned;
+//     wait), 8-element row loads for rows that are not 16-byte aligned (copy_chunk16: either, per row);
 //   * warp collectives: ldsm_x4 (ldmatrix.x4[.trans]), warp_mma (mma.sync m16n8k16, f32 accumulate), quad_max
 //     / quad_sum (the 4 lanes of an accumulator row), warp_allreduce (xor butterfly over 32 lanes).
 // Every helper has a host version, so that the CPU emulations (tests/csrc/*_emulation.cu) can run the
@@ -161,6 +161,15 @@ EO_HD uint4 ld_row8_scalar(const uint16_t* p) {
 #pragma unroll
   for (int e = 0; e < 4; ++e) w[e] = uint32_t(load_u16(p + 2 * e)) | (uint32_t(load_u16(p + 2 * e + 1)) << 16);
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// One 16-byte chunk (8 elements) of a row, global -> shared: cp.async where the row is 16-byte aligned
+// (`vec`), else 8 scalar loads and a 16-byte shared store.
+EO_HD void copy_chunk16(uint16_t* dst, const uint16_t* src, bool vec) {
+  if (vec)
+    cp_async16(dst, src);
+  else
+    st_shared_u128(dst, ld_row8_scalar(src));
 }
 
 // 16 bytes to global memory (the address must be 16-byte aligned).

@@ -38,7 +38,8 @@
 // Emulation: the block program (attention_block) is __host__ __device__ and written against an executor
 // (csrc/common/block_exec.cuh): block-wide phases (ex.each), barriers (ex.sync) and warp phases (ex.warp)
 // whose per-lane code runs in for_lanes, with the warp collectives (ldmatrix, mma.sync, quad shuffles;
-// csrc/common/warp_mma.cuh) emulated from their PTX fragment layouts. tests/csrc/sparse_attention_emulation.cu
+// csrc/common/warp_mma.cuh) emulated from their PTX fragment layouts; the per-warp tile steps (S = Q K^T,
+// online softmax, P V) are those of csrc/common/attention_tile.cuh. tests/csrc/sparse_attention_emulation.cu
 // runs every block of the grid on the CPU under AddressSanitizer.
 //
 // What a Hopper-native (sm_90a) version would add: TMA loads of the K/V tiles (a producer warp issues one
@@ -54,6 +55,7 @@
 #include "block_sparse_attention.h"
 
 #include "../common/arg_checks.h"
+#include "../common/attention_tile.cuh"
 #include "../common/block_exec.cuh"
 #include "../common/device_helpers.cuh"
 #include "../common/warp_mma.cuh"
@@ -66,7 +68,7 @@
 namespace efficient_ops {
 namespace block_sparse_detail {
 
-using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+using namespace common_detail;  // kWarp, Elem, cp.async, warp_qk / warp_pv, swz, executors, cdiv, ...
 
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kWarps = kThreads / kWarp;
@@ -125,13 +127,6 @@ struct ThreadState {
   float mt[2];           // the tile's row max
 };
 
-// Element offset of 16-byte chunk ch of row r in a [rows][D] tile: chunks XOR-swizzled by r % 8, so that
-// the 8 rows of an ldmatrix (same logical chunk) hit 8 different bank groups.
-template <int D>
-EO_HD int swz(int r, int ch) {
-  return r * D + ((ch ^ (r & 7)) << 3);
-}
-
 // ---- the attention block program -------------------------------------------------------------------
 // RG = row groups of 16 rows (1, 2 or 4); KS = 4 / RG warps split each key tile; KW = 64 / KS keys each.
 
@@ -170,17 +165,7 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
 
   typename Exec::template PerThread<ThreadState<D, KW>> st;
   const auto idle = [&](int w) { return 16 * (w % RG) >= rows; };  // all 16 rows of the warp are padding
-  ex.warp([&](int w) {
-    for_lanes([&](int l) {
-      ThreadState<D, KW>& my = st[w * kWarp + l];
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) my.o[dt][e] = 0.f;
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) my.m[hh] = -INFINITY, my.l[hh] = 0.f;
-    });
-  });
+  ex.warp([&](int w) { init_row_state<D>([&](int l) -> ThreadState<D, KW>& { return st[w * kWarp + l]; }); });
 
   if (n_tiles > 0) {
     // Q rows q0 .. q0 + RM - 1 (rows >= `rows` zero-filled), then the first K/V tile.
@@ -190,11 +175,7 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
         const int r = c / CH, ch = c % CH;
         uint16_t* dst = s.q + swz<D>(r, ch);
         if (r < rows) {
-          const uint16_t* src = qb + int64_t(q0 + r) * p.qs[2] + ch * 8;
-          if (p.q_vec)
-            cp_async16(dst, src);
-          else
-            st_shared_u128(dst, ld_row8_scalar(src));
+          copy_chunk16(dst, qb + int64_t(q0 + r) * p.qs[2] + ch * 8, p.q_vec);
         } else {
           st_shared_u128(dst, make_uint4(0u, 0u, 0u, 0u));
         }
@@ -213,16 +194,8 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
           uint16_t* kd = s.u.kv.k[buf] + swz<D>(r, ch);
           uint16_t* vd = s.u.kv.v[buf] + swz<D>(r, ch);
           if (key >= 0) {
-            const uint16_t* ksrc = kb + int64_t(key) * p.ks[2] + ch * 8;
-            const uint16_t* vsrc = vb + int64_t(key) * p.vs[2] + ch * 8;
-            if (p.k_vec)
-              cp_async16(kd, ksrc);
-            else
-              st_shared_u128(kd, ld_row8_scalar(ksrc));
-            if (p.v_vec)
-              cp_async16(vd, vsrc);
-            else
-              st_shared_u128(vd, ld_row8_scalar(vsrc));
+            copy_chunk16(kd, kb + int64_t(key) * p.ks[2] + ch * 8, p.k_vec);
+            copy_chunk16(vd, vb + int64_t(key) * p.vs[2] + ch * 8, p.v_vec);
           } else {  // zeros: a masked score times a zero V row, never NaN
             st_shared_u128(kd, make_uint4(0u, 0u, 0u, 0u));
             st_shared_u128(vd, make_uint4(0u, 0u, 0u, 0u));
@@ -243,13 +216,7 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
     load_kv(0);
 
     for (int it = 0; it < n_tiles; ++it) {
-      if (it + 1 < n_tiles) {
-        load_kv(it + 1);  // into the other buffer, released by the barrier that ended iteration it - 1
-        ex.each([&](int) { cp_async_wait<1>(); });
-      } else {
-        ex.each([&](int) { cp_async_wait<0>(); });
-      }
-      ex.sync();
+      next_kv_tile(ex, it, n_tiles, load_kv);
       const int buf = it & 1;
       const uint16_t* kt = s.u.kv.k[buf];
       const uint16_t* vt = s.u.kv.v[buf];
@@ -269,109 +236,18 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
         }
         if (!any) return;  // every score of the slice is masked: the state is unchanged
         const auto lane_state = [&](int l) -> ThreadState<D, KW>& { return st[w * kWarp + l]; };
-        for_lanes([&](int l) {
-#pragma unroll
-          for (int nt = 0; nt < KW / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) lane_state(l).sc[nt][e] = 0.f;
-        });
+        const auto active = [&](int np) { return act[np]; };
         // S = Q K^T over the active 16-slot groups.
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-          for_lanes([&](int l) {  // matrices: rows 0-7 / 8-15 x columns 0-7, then rows 0-7 / 8-15 x columns 8-15
-            lane_state(l).qa = ldsm_x4<false>(l, [&](int j) {
-              const int mi = j / 8;
-              return s.q + swz<D>(rb + 8 * (mi % 2) + j % 8, 2 * ks + mi / 2);
-            });
-          });
-#pragma unroll
-          for (int np = 0; np < KW / 16; ++np) {
-            if (!act[np]) continue;
-            for_lanes([&](int l) {  // matrices: keys 0-7 x d 0-7, keys 0-7 x d 8-15, keys 8-15 x d 0-7, 8-15 x 8-15
-              lane_state(l).frag = ldsm_x4<false>(l, [&](int j) {
-                const int mi = j / 8;
-                return kt + swz<D>(kofs + 16 * np + 8 * (mi / 2) + j % 8, 2 * ks + mi % 2);
-              });
-            });
-            warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).sc[2 * np]; },
-                            [&](int l) { return lane_state(l).qa; },
-                            [&](int l) { return make_uint2(lane_state(l).frag.x, lane_state(l).frag.y); });
-            warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).sc[2 * np + 1]; },
-                            [&](int l) { return lane_state(l).qa; },
-                            [&](int l) { return make_uint2(lane_state(l).frag.z, lane_state(l).frag.w); });
-          }
-        }
-        // Mask, scale to the log2 domain, row max of the slice.
-        for_lanes([&](int l) {
-          ThreadState<D, KW>& my = lane_state(l);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const int i = q0 + rb + l / 4 + 8 * hh;  // query row (padding rows >= Sq: harmless, never stored)
-            const int lim = p.causal ? i + p.causal_off : INT_MAX - 1;
-            float mx = -INFINITY;
-#pragma unroll
-            for (int nt = 0; nt < KW / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int key = keys[kofs + 8 * nt + 2 * (l % 4) + e];
-                const bool keep = key >= 0 && key <= lim;  // inactive groups: every key > wlim >= lim, or -1
-                const float x = keep ? my.sc[nt][2 * hh + e] * p.scale_log2 : -INFINITY;
-                my.sc[nt][2 * hh + e] = x;
-                mx = fmaxf(mx, x);
-              }
-            my.mt[hh] = mx;
-          }
+        warp_qk<D, KW / 16, kBF16, false>(lane_state, s.q, rb, kt, kofs, active);
+        // Mask (slot key -1, or causally after the row), scale to the log2 domain, row max of the slice.
+        mask_scale_rowmax<KW / 16>(lane_state, p.scale_log2, [&](int l, int hh, int col) {
+          const int i = q0 + rb + l / 4 + 8 * hh;  // query row (padding rows >= Sq: harmless, never stored)
+          const int lim = p.causal ? i + p.causal_off : INT_MAX - 1;
+          const int key = keys[kofs + col];
+          return key >= 0 && key <= lim;  // inactive groups: every key > wlim >= lim, or -1
         });
-        quad_max([&](int l) -> float& { return lane_state(l).mt[0]; });
-        quad_max([&](int l) -> float& { return lane_state(l).mt[1]; });
-        // Online softmax: rescale the running state, P = exp2(S - m).
-        for_lanes([&](int l) {
-          ThreadState<D, KW>& my = lane_state(l);
-#pragma unroll
-          for (int hh = 0; hh < 2; ++hh) {
-            const float m_new = fmaxf(my.m[hh], my.mt[hh]);
-            const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: all P = 0
-            const float alpha = exp2f(my.m[hh] - m_use);           // 0 on the first keys (m = -inf)
-            my.m[hh] = m_new;
-            float sum = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < KW / 8; ++nt)
-#pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const float pv = exp2f(my.sc[nt][2 * hh + e] - m_use);
-                my.sc[nt][2 * hh + e] = pv;
-                sum += pv;
-              }
-            my.l[hh] = my.l[hh] * alpha + sum;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; ++dt) my.o[dt][2 * hh] *= alpha, my.o[dt][2 * hh + 1] *= alpha;
-          }
-        });
-        // O += P V: P from the score registers (two n-tiles = one k16 A fragment), V by ldmatrix.trans.
-#pragma unroll
-        for (int kk = 0; kk < KW / 16; ++kk) {
-          if (!act[kk]) continue;  // P = 0 there
-          const auto a_of = [&](int l) {
-            const ThreadState<D, KW>& my = lane_state(l);
-            return make_uint4(pack2<kBF16>(my.sc[2 * kk][0], my.sc[2 * kk][1]),
-                              pack2<kBF16>(my.sc[2 * kk][2], my.sc[2 * kk][3]),
-                              pack2<kBF16>(my.sc[2 * kk + 1][0], my.sc[2 * kk + 1][1]),
-                              pack2<kBF16>(my.sc[2 * kk + 1][2], my.sc[2 * kk + 1][3]));
-          };
-#pragma unroll
-          for (int dp = 0; dp < D / 16; ++dp) {
-            for_lanes([&](int l) {  // matrices: keys 0-7 x d 0-7, keys 8-15 x d 0-7, keys 0-7 x d 8-15, 8-15 x 8-15
-              lane_state(l).frag = ldsm_x4<true>(l, [&](int j) {
-                const int mi = j / 8;
-                return vt + swz<D>(kofs + 16 * kk + 8 * (mi % 2) + j % 8, 2 * dp + mi / 2);
-              });
-            });
-            warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).o[2 * dp]; }, a_of,
-                            [&](int l) { return make_uint2(lane_state(l).frag.x, lane_state(l).frag.y); });
-            warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).o[2 * dp + 1]; }, a_of,
-                            [&](int l) { return make_uint2(lane_state(l).frag.z, lane_state(l).frag.w); });
-          }
-        }
+        online_softmax<D, KW / 16>(lane_state);  // P = exp2(S - m), running state rescaled
+        warp_pv<D, KW / 16, kBF16, false>(lane_state, vt, kofs, active);  // O += P V (P = 0 elsewhere)
       });
       ex.sync();  // the buffers of this tile may be refilled next iteration (and, after the last, reused)
     }

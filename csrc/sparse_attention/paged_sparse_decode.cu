@@ -35,12 +35,14 @@
 // the output.
 //
 // Emulation: both block programs (decode_block, merge_block) are __host__ __device__ and written against the
-// executor of csrc/common/block_exec.cuh (warp collectives: csrc/common/warp_mma.cuh);
+// executor of csrc/common/block_exec.cuh (warp collectives: csrc/common/warp_mma.cuh; the merge of split
+// partials: csrc/common/attention_tile.cuh, shared with csrc/speculative/tree_attention.cu);
 // tests/csrc/sparse_attention_emulation.cu runs every block of both grids on the CPU under AddressSanitizer.
 
 #include "paged_sparse_decode.h"
 
 #include "../common/arg_checks.h"
+#include "../common/attention_tile.cuh"
 #include "../common/block_exec.cuh"
 #include "../common/device_helpers.cuh"
 #include "../common/warp_mma.cuh"
@@ -52,7 +54,7 @@
 namespace efficient_ops {
 namespace paged_decode_detail {
 
-using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+using namespace common_detail;  // kWarp, Elem, cp.async, warp_allreduce, merge_partials, executors, cdiv, ...
 
 constexpr int kThreads = 128;  // 4 warps per block
 constexpr int kWarps = kThreads / kWarp;
@@ -184,16 +186,8 @@ EO_HD void decode_block(const Params& p, int64_t block, Smem<D, GT>& s, const Ex
           if (pos >= 0) {
             uint16_t* kd = s.u.kv.k[buf] + r * LD + ch * 8;
             uint16_t* vd = s.u.kv.v[buf] + r * LD + ch * 8;
-            const uint16_t* ksrc = kb + int64_t(pos) * p.ks[2] + ch * 8;
-            const uint16_t* vsrc = vb + int64_t(pos) * p.vs[2] + ch * 8;
-            if (p.k_vec)
-              cp_async16(kd, ksrc);
-            else
-              st_shared_u128(kd, ld_row8_scalar(ksrc));
-            if (p.v_vec)
-              cp_async16(vd, vsrc);
-            else
-              st_shared_u128(vd, ld_row8_scalar(vsrc));
+            copy_chunk16(kd, kb + int64_t(pos) * p.ks[2] + ch * 8, p.k_vec);
+            copy_chunk16(vd, vb + int64_t(pos) * p.vs[2] + ch * 8, p.v_vec);
           }
           if (ch == 0) s.key[buf][r] = pos;
         }
@@ -203,13 +197,7 @@ EO_HD void decode_block(const Params& p, int64_t block, Smem<D, GT>& s, const Ex
     load_kv(0);
 
     for (int it = 0; it < n_tiles; ++it) {
-      if (it + 1 < n_tiles) {
-        load_kv(it + 1);  // into the other buffer, released by the barrier that ended iteration it - 1
-        ex.each([&](int) { cp_async_wait<1>(); });
-      } else {
-        ex.each([&](int) { cp_async_wait<0>(); });
-      }
-      ex.sync();
+      next_kv_tile(ex, it, n_tiles, load_kv);
       const int buf = it & 1;
       const uint16_t* kt = s.u.kv.k[buf];
       const uint16_t* vt = s.u.kv.v[buf];
@@ -344,59 +332,12 @@ EO_HD void decode_block(const Params& p, int64_t block, Smem<D, GT>& s, const Ex
 
 template <int D, bool kBF16, class Exec>
 EO_HD void merge_block(const Params& p, int64_t block, const Exec& ex) {
-  using E = Elem<kBF16>;
-  constexpr int EPL = D / kWarp;  // elements per lane: 2 or 4
-  ex.each([&](int t) {
-    const int64_t row = block * kMergeRows + t / kWarp;
-    if (row >= p.rows_total) return;
-    const int d0 = EPL * (t % kWarp);
-    float mx = -INFINITY;
-    for (int sp = 0; sp < p.splits; ++sp) mx = fmaxf(mx, p.ws_lse[int64_t(sp) * p.rows_total + row]);
-    float acc[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
-    float wsum = 0.f;
-    if (mx != -INFINITY) {
-      for (int sp = 0; sp < p.splits; ++sp) {
-        const float lse = p.ws_lse[int64_t(sp) * p.rows_total + row];
-        if (lse == -INFINITY) continue;  // an empty split: its o is not read
-        const float wgt = exp2f(lse - mx);
-        wsum += wgt;
-        const float* o = p.ws_o + (int64_t(sp) * p.rows_total + row) * D + d0;
-        float v[EPL];
-#ifdef __CUDA_ARCH__
-        if constexpr (EPL == 4) {
-          const float4 f = *reinterpret_cast<const float4*>(o);
-          v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-        } else {
-          const float2 f = *reinterpret_cast<const float2*>(o);
-          v[0] = f.x, v[1] = f.y;
-        }
-#else
-        for (int e = 0; e < EPL; ++e) v[e] = o[e];
-#endif
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[e] = fmaf(wgt, v[e], acc[e]);
-      }
-    }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    const int h = int(row % p.Hq), b = int(row / p.Hq);
-    uint16_t* out = p.out + int64_t(b) * p.os[0] + int64_t(h) * p.os[1] + d0;
-#pragma unroll
-    for (int e = 0; e < EPL; e += 2) {
-      const uint16_t lo = E::from_float(acc[e] * inv), hi = E::from_float(acc[e + 1] * inv);
-      if (p.out_vec2) {
-#ifdef __CUDA_ARCH__
-        *reinterpret_cast<uint32_t*>(out + e) = uint32_t(lo) | (uint32_t(hi) << 16);
-#else
-        if (reinterpret_cast<uintptr_t>(out + e) % 4 != 0) emulation_fail("misaligned 4-byte output store");
-        out[e] = lo, out[e + 1] = hi;
-#endif
-      } else {
-        out[e] = lo, out[e + 1] = hi;
-      }
-    }
-  });
+  // num_splits partials; an empty split (lse = -inf) is skipped, its o not read.
+  merge_partials<D, kBF16, EmptyPartial::kNegInfLse>(
+      p, ex, block, kMergeRows, p.splits, [&](int64_t row) {
+        const int h = int(row % p.Hq), b = int(row / p.Hq);
+        return p.out + int64_t(b) * p.os[0] + int64_t(h) * p.os[1];
+      });
 }
 
 #ifndef EFFICIENT_OPS_SPARSE_ATTENTION_HOST_ONLY

@@ -47,6 +47,8 @@
 // takes the address function of all 32 lanes and returns this lane's words as the PTX fragment layout
 // defines them), warp_mma (mma.sync m16n8k16: the host version gathers the 32 lanes' A, B, C fragments,
 // multiplies the 16 x 16 x 8 tile and scatters D back), quad_max / quad_sum (the two xor shuffles).
+// The per-warp tile steps (warp_qk, mask_scale_rowmax, online_softmax, warp_pv) and the merge of split
+// partials (merge_partials) are shared with csrc/sparse_attention through csrc/common/attention_tile.cuh.
 // tests/csrc/speculative_emulation.cu runs every block of both grids on the CPU under AddressSanitizer.
 //
 // A Hopper-native version (sm_90a) would add: TMA bulk tensor loads of the K/V tiles (one thread issues,
@@ -60,6 +62,7 @@
 #include "tree_attention.h"
 
 #include "../common/arg_checks.h"
+#include "../common/attention_tile.cuh"
 #include "../common/block_exec.cuh"
 #include "../common/device_helpers.cuh"
 #include "../common/warp_mma.cuh"
@@ -75,7 +78,7 @@
 namespace efficient_ops {
 namespace tree_attention_detail {
 
-using namespace common_detail;  // kWarp, Elem, cp.async, ldsm_x4, warp_mma, quad_*, executors, cdiv, ...
+using namespace common_detail;  // kWarp, Elem, cp.async, warp_qk / warp_pv, swz, merge_partials, executors, ...
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / kWarp;
@@ -137,13 +140,6 @@ struct ThreadState {
   int nj[kMaxT / kThreads];               // pointer jumping: new links
 };
 
-// Element offset of 16-byte chunk ch of row r in a [rows][D] tile: chunks XOR-swizzled by r % 8, so that
-// the 8 rows of an ldmatrix (same logical chunk) hit 8 different bank groups.
-template <int D>
-EO_HD int swz(int r, int ch) {
-  return r * D + ((ch ^ (r & 7)) << 3);
-}
-
 // Rows [0, rows) of a 64-row tile from row_ptr(r) (rows >= valid are zero-filled, never read).
 template <int D, class Exec, class RowPtr>
 EO_HD void load_tile(const Exec& ex, uint16_t* tile, int rows, int valid, bool vec, RowPtr&& row_ptr) {
@@ -155,11 +151,7 @@ EO_HD void load_tile(const Exec& ex, uint16_t* tile, int rows, int valid, bool v
       if (r >= rows) continue;
       uint16_t* dst = tile + swz<D>(r, ch);
       if (r < valid) {
-        const uint16_t* src = row_ptr(r) + ch * 8;
-        if (vec)
-          cp_async16(dst, src);
-        else
-          st_shared_u128(dst, ld_row8_scalar(src));
+        copy_chunk16(dst, row_ptr(r) + ch * 8, vec);
       } else {
         st_shared_u128(dst, make_uint4(0u, 0u, 0u, 0u));
       }
@@ -287,27 +279,12 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
   // Warps whose 16 rows are all padding (r >= R) skip the math (warp-uniform).
   const auto idle = [&](int w) { return r0 + 16 * w >= p.R; };
   ex.warp([&](int w) {
-    if (idle(w)) return;
-    for_lanes([&](int l) {
-      ThreadState<D>& my = st[w * kWarp + l];
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) my.o[dt][e] = 0.f;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) my.m[h] = -INFINITY, my.l[h] = 0.f;
-    });
+    if (!idle(w)) init_row_state<D>([&](int l) -> ThreadState<D>& { return st[w * kWarp + l]; });
   });
 
   const int n_tiles = (key_end - key_begin + kBN - 1) / kBN;
   for (int it = 0; it < n_tiles; ++it) {
-    if (it + 1 < n_tiles) {
-      load_kv(it + 1);  // into the other buffer, released by the barrier that ended iteration it - 1
-      ex.each([&](int) { cp_async_wait<1>(); });
-    } else {
-      ex.each([&](int) { cp_async_wait<0>(); });
-    }
-    ex.sync();
+    next_kv_tile(ex, it, n_tiles, load_kv);
     const uint16_t* kt = s.k[it & 1];
     const uint16_t* vt = s.v[it & 1];
     const int key0 = key_begin + it * kBN, valid = key_end - key0;  // tile rows >= valid are masked
@@ -315,112 +292,21 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
       if (idle(w)) return;
       const auto lane_state = [&](int l) -> ThreadState<D>& { return st[w * kWarp + l]; };
       // S = Q K^T (16 keys = two n-tiles per ldmatrix.x4; key 16-blocks past `valid` are all masked).
-      for_lanes([&](int l) {
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) lane_state(l).sc[nt][e] = 0.f;
+      const auto has_keys = [&](int np) { return 16 * np < valid; };
+      warp_qk<D, kBN / 16, kBF16, true>(lane_state, s.q, 16 * w, kt, 0, has_keys);
+      // Mask (columns past `valid`; in the tree split, keys that are not the node's ancestors or itself),
+      // scale to the log2 domain, row max of the tile.
+      mask_scale_rowmax<kBN / 16>(lane_state, p.scale_log2, [&](int l, int h, int col) {
+        const int node = (r0 + 16 * w + l / 4 + 8 * h) % p.T;  // padding rows map to some node: harmless
+        bool keep = col < valid;
+        if (tree && keep) {
+          const int j = key0 - key_begin + col;  // < T
+          keep = (s.anc[node][j >> 5] >> (j & 31)) & 1u;
+        }
+        return keep;
       });
-#pragma unroll
-      for (int ks = 0; ks < D / 16; ++ks) {
-        // Q A-fragment of this k-step from shared memory (the Q tile stays there; registers go to S and O).
-        for_lanes([&](int l) {  // matrices: rows 0-7 / 8-15 x columns 0-7, then rows 0-7 / 8-15 x columns 8-15
-          lane_state(l).qa = ldsm_x4<false>(l, [&](int j) {
-            const int mi = j / 8;
-            return s.q + swz<D>(16 * w + 8 * (mi % 2) + j % 8, 2 * ks + mi / 2);
-          });
-        });
-#pragma unroll
-        for (int np = 0; np < kBN / 16; ++np) {
-          if (16 * np >= valid) break;
-          for_lanes([&](int l) {  // matrices: keys 0-7 x d 0-7, keys 0-7 x d 8-15, keys 8-15 x d 0-7, 8-15 x 8-15
-            lane_state(l).frag = ldsm_x4<false>(l, [&](int j) {
-              const int mi = j / 8;
-              return kt + swz<D>(16 * np + 8 * (mi / 2) + j % 8, 2 * ks + mi % 2);
-            });
-          });
-          warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).sc[2 * np]; },
-                          [&](int l) { return lane_state(l).qa; },
-                          [&](int l) { return make_uint2(lane_state(l).frag.x, lane_state(l).frag.y); });
-          warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).sc[2 * np + 1]; },
-                          [&](int l) { return lane_state(l).qa; },
-                          [&](int l) { return make_uint2(lane_state(l).frag.z, lane_state(l).frag.w); });
-        }
-      }
-      // Mask, scale to the log2 domain, row max of the tile.
-      for_lanes([&](int l) {
-        ThreadState<D>& my = lane_state(l);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int node = (r0 + 16 * w + l / 4 + 8 * h) % p.T;  // padding rows map to some node: harmless
-          float mx = -INFINITY;
-#pragma unroll
-          for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int col = 8 * nt + 2 * (l % 4) + e;
-              bool keep = col < valid;
-              if (tree && keep) {
-                const int j = key0 - key_begin + col;  // < T
-                keep = (s.anc[node][j >> 5] >> (j & 31)) & 1u;
-              }
-              const float x = keep ? my.sc[nt][2 * h + e] * p.scale_log2 : -INFINITY;
-              my.sc[nt][2 * h + e] = x;
-              mx = fmaxf(mx, x);
-            }
-          my.mt[h] = mx;
-        }
-      });
-      quad_max([&](int l) -> float& { return lane_state(l).mt[0]; });
-      quad_max([&](int l) -> float& { return lane_state(l).mt[1]; });
-      // Online softmax: rescale the running state, P = exp2(S - m).
-      for_lanes([&](int l) {
-        ThreadState<D>& my = lane_state(l);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float m_new = fmaxf(my.m[h], my.mt[h]);
-          const float m_use = m_new == -INFINITY ? 0.f : m_new;  // a row with no key yet: all P = 0
-          const float alpha = exp2f(my.m[h] - m_use);           // 0 on the first keys (m = -inf)
-          my.m[h] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pv = exp2f(my.sc[nt][2 * h + e] - m_use);
-              my.sc[nt][2 * h + e] = pv;
-              sum += pv;
-            }
-          my.l[h] = my.l[h] * alpha + sum;
-#pragma unroll
-          for (int dt = 0; dt < D / 8; ++dt) my.o[dt][2 * h] *= alpha, my.o[dt][2 * h + 1] *= alpha;
-        }
-      });
-      // O += P V: P from the score registers (two n-tiles = one k16 A fragment), V by ldmatrix.trans.
-#pragma unroll
-      for (int kk = 0; kk < kBN / 16; ++kk) {
-        if (16 * kk >= valid) break;
-        const auto a_of = [&](int l) {
-          const ThreadState<D>& my = lane_state(l);
-          return make_uint4(pack2<kBF16>(my.sc[2 * kk][0], my.sc[2 * kk][1]),
-                            pack2<kBF16>(my.sc[2 * kk][2], my.sc[2 * kk][3]),
-                            pack2<kBF16>(my.sc[2 * kk + 1][0], my.sc[2 * kk + 1][1]),
-                            pack2<kBF16>(my.sc[2 * kk + 1][2], my.sc[2 * kk + 1][3]));
-        };
-#pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          for_lanes([&](int l) {  // matrices: keys 0-7 x d 0-7, keys 8-15 x d 0-7, keys 0-7 x d 8-15, 8-15 x 8-15
-            lane_state(l).frag = ldsm_x4<true>(l, [&](int j) {
-              const int mi = j / 8;
-              return vt + swz<D>(16 * kk + 8 * (mi % 2) + j % 8, 2 * dp + mi / 2);
-            });
-          });
-          warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).o[2 * dp]; }, a_of,
-                          [&](int l) { return make_uint2(lane_state(l).frag.x, lane_state(l).frag.y); });
-          warp_mma<kBF16>([&](int l) -> float(&)[4] { return lane_state(l).o[2 * dp + 1]; }, a_of,
-                          [&](int l) { return make_uint2(lane_state(l).frag.z, lane_state(l).frag.w); });
-        }
-      }
+      online_softmax<D, kBN / 16>(lane_state);  // P = exp2(S - m), running state rescaled
+      warp_pv<D, kBN / 16, kBF16, true>(lane_state, vt, 0, has_keys);  // O += P V
     });
     ex.sync();  // the buffers of this tile may be refilled next iteration
   }
@@ -452,61 +338,14 @@ EO_HD void attention_block(const Params& p, int64_t block, Smem<D>& s, const Exe
 
 template <int D, bool kBF16, class Exec>
 EO_HD void merge_block(const Params& p, int64_t block, const Exec& ex) {
-  using E = Elem<kBF16>;
-  constexpr int EPL = D / kWarp;  // elements per lane: 2 or 4
-  ex.each([&](int t) {
-    const int64_t row = block * kMergeRows + t / kWarp;
-    if (row >= p.rows_total) return;
-    const int d0 = EPL * (t % kWarp);
-    const int parts = p.splits + 1;
-    float mx = -INFINITY;
-    for (int sp = 0; sp < parts; ++sp) mx = fmaxf(mx, p.ws_lse[int64_t(sp) * p.rows_total + row]);
-    float acc[EPL];
-#pragma unroll
-    for (int e = 0; e < EPL; ++e) acc[e] = 0.f;
-    float wsum = 0.f;
-    if (mx != -INFINITY) {
-      for (int sp = 0; sp < parts; ++sp) {
-        const float wgt = exp2f(p.ws_lse[int64_t(sp) * p.rows_total + row] - mx);
-        if (wgt == 0.f) continue;  // an empty split (lse = -inf), or one far below the maximum
-        wsum += wgt;
-        const float* o = p.ws_o + (int64_t(sp) * p.rows_total + row) * D + d0;
-        float v[EPL];
-#ifdef __CUDA_ARCH__
-        if constexpr (EPL == 4) {
-          const float4 f = *reinterpret_cast<const float4*>(o);
-          v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-        } else {
-          const float2 f = *reinterpret_cast<const float2*>(o);
-          v[0] = f.x, v[1] = f.y;
-        }
-#else
-        for (int e = 0; e < EPL; ++e) v[e] = o[e];
-#endif
-#pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[e] = fmaf(wgt, v[e], acc[e]);
-      }
-    }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    const int i = int(row % p.T);
-    const int64_t bh = row / p.T;
-    const int h = int(bh % p.Hq), b = int(bh / p.Hq);
-    uint16_t* out = p.out + int64_t(b) * p.os[0] + int64_t(h) * p.os[1] + int64_t(i) * p.os[2] + d0;
-#pragma unroll
-    for (int e = 0; e < EPL; e += 2) {
-      const uint16_t lo = E::from_float(acc[e] * inv), hi = E::from_float(acc[e + 1] * inv);
-      if (p.out_vec2) {
-#ifdef __CUDA_ARCH__
-        *reinterpret_cast<uint32_t*>(out + e) = uint32_t(lo) | (uint32_t(hi) << 16);
-#else
-        if (reinterpret_cast<uintptr_t>(out + e) % 4 != 0) emulation_fail("misaligned 4-byte output store");
-        out[e] = lo, out[e + 1] = hi;
-#endif
-      } else {
-        out[e] = lo, out[e + 1] = hi;
-      }
-    }
-  });
+  // num_splits + 1 partials; one whose weight underflows to 0 (an empty split, lse = -inf) is skipped.
+  merge_partials<D, kBF16, EmptyPartial::kZeroWeight>(
+      p, ex, block, kMergeRows, p.splits + 1, [&](int64_t row) {
+        const int i = int(row % p.T);
+        const int64_t bh = row / p.T;
+        const int h = int(bh % p.Hq), b = int(bh / p.Hq);
+        return p.out + int64_t(b) * p.os[0] + int64_t(h) * p.os[1] + int64_t(i) * p.os[2];
+      });
 }
 
 #ifndef EFFICIENT_OPS_SPECULATIVE_HOST_ONLY
