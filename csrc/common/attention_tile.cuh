@@ -13,6 +13,7 @@
 // partial sum, tile max of rows g and g + 8).
 #pragma once
 
+#include "arg_checks.h"
 #include "block_exec.cuh"
 #include "device_helpers.cuh"
 #include "warp_mma.cuh"
@@ -188,6 +189,19 @@ EO_HD void warp_pv(LaneState&& lane_state, const uint16_t* v_tile, int k_row0, A
 }
 
 // ---- merge of split partials (flash decoding) ----------------------------------------------------
+
+// The split kernels' workspace: float32 partial outputs [rows, D], then (256-byte aligned) their lse [rows];
+// rows counts every (output row, split) pair.
+struct PartialsLayout {
+  int64_t lse_offset, bytes;
+};
+
+inline PartialsLayout partials_layout(int64_t rows, int64_t D) {
+  PartialsLayout w;
+  w.lse_offset = cdiv(rows * D * 4, 256) * 256;
+  w.bytes = w.lse_offset + cdiv(rows * 4, 256) * 256;
+  return w;
+}
 
 // Which partials the merge skips (weight 0, o not read).
 enum class EmptyPartial {

@@ -357,16 +357,9 @@ __global__ void __launch_bounds__(kThreads) paged_sparse_decode_merge_kernel(con
 
 // ---- host-side preparation, shared by the launcher and the CPU emulation -----------------------
 
-struct WorkspaceLayout {
-  int64_t lse_offset, bytes;
-};
-
-inline WorkspaceLayout workspace_layout(int64_t B, int64_t Hq, int64_t D, int64_t splits) {
-  const int64_t rows = B * Hq * splits;
-  WorkspaceLayout w;
-  w.lse_offset = cdiv(rows * D * 4, 256) * 256;
-  w.bytes = w.lse_offset + cdiv(rows * 4, 256) * 256;
-  return w;
+// Workspace for every (batch row, query head, split).
+inline PartialsLayout workspace_layout(int64_t B, int64_t Hq, int64_t D, int64_t splits) {
+  return partials_layout(B * Hq * splits, D);
 }
 
 inline Params make_params(const PagedSparseDecodeArgs& a) {
@@ -377,7 +370,7 @@ inline Params make_params(const PagedSparseDecodeArgs& a) {
   p.out = static_cast<uint16_t*>(a.out);
   p.seq_lens = a.seq_lens;
   p.pages = a.page_indices;
-  const WorkspaceLayout W = workspace_layout(a.B, a.Hq, a.D, a.num_splits);
+  const PartialsLayout W = workspace_layout(a.B, a.Hq, a.D, a.num_splits);
   p.ws_o = static_cast<float*>(a.workspace);
   p.ws_lse = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + W.lse_offset);
   for (int i = 0; i < 3; ++i) p.ks[i] = a.k_strides[i], p.vs[i] = a.v_strides[i];

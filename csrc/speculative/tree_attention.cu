@@ -371,16 +371,9 @@ inline int64_t chunk_for(int64_t S_max, int64_t T, int64_t splits) {
   return c > 0 ? c : kBN;
 }
 
-struct WorkspaceLayout {
-  int64_t lse_offset, bytes;
-};
-
-inline WorkspaceLayout workspace_layout(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t splits) {
-  const int64_t rows = B * Hq * T * (splits + 1);
-  WorkspaceLayout w;
-  w.lse_offset = cdiv(rows * D * 4, 256) * 256;
-  w.bytes = w.lse_offset + cdiv(rows * 4, 256) * 256;
-  return w;
+// Workspace for every (batch row, query head, node, split), the tree part counted as one more split.
+inline PartialsLayout workspace_layout(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t splits) {
+  return partials_layout(B * Hq * T * (splits + 1), D);
 }
 
 inline Params make_params(const TreeAttentionArgs& a) {
@@ -391,7 +384,7 @@ inline Params make_params(const TreeAttentionArgs& a) {
   p.out = static_cast<uint16_t*>(a.out);
   p.prefix_lens = a.prefix_lens;
   p.parents = a.parents;
-  const WorkspaceLayout W = workspace_layout(a.B, a.Hq, a.T, a.D, a.num_splits);
+  const PartialsLayout W = workspace_layout(a.B, a.Hq, a.T, a.D, a.num_splits);
   p.ws_o = static_cast<float*>(a.workspace);
   p.ws_lse = reinterpret_cast<float*>(static_cast<char*>(a.workspace) + W.lse_offset);
   for (int i = 0; i < 3; ++i) {
