@@ -206,6 +206,15 @@ struct RelativeError {
   }
 };
 
+// One attention output element against its float64 reference: folds it into `worst` (error / tolerance)
+// and `rel`; false when the element is still poisoned, not finite, or outside the tolerance.
+inline bool output_element_ok(uint16_t bits, bool bf16, double ref, double tol, double& worst, RelativeError& rel) {
+  const double got = h2f(bits, bf16), err = std::fabs(got - ref);
+  if (std::isfinite(got)) worst = std::max(worst, err / tol);
+  rel.add(err, ref);
+  return bits != kPoison[bf16] && std::isfinite(got) && err <= tol;
+}
+
 // Cases run and cases failed, over the whole harness (the last line of its output reports them).
 inline int n_cases = 0, n_fail = 0;
 
