@@ -1,7 +1,8 @@
 """efficient_ops: Triton and CUDA kernels for efficient LLM inference, as ``torch.ops.efficient_ops.*``.
 
 Importing the package registers the ops; it never touches a GPU and works without the compiled
-extension or Triton (see ``efficient-ops info`` for what is available here).
+extension or Triton (see ``efficient-ops info`` for what is available here). Every public op wrapper
+and domain type is importable from here; modules and model conversion are in :mod:`efficient_ops.nn`.
 """
 
 __version__ = "0.1.0"
@@ -10,11 +11,27 @@ __version__ = "0.1.0"
 from . import backends, nn, ops, quant, rsparse, sparse_attention, speculative  # noqa: F401
 from .ops.lowbit import lowbit_linear
 from .ops.rsparse import rsparse_linear
-from .sparse_attention import block_sparse_attention, paged_sparse_decode, sparse_decode_attention
-from .speculative import (compact_kv, merge_attention_states, tree_attention, verify_greedy, verify_sampling,
-                          verify_typical)
+from .quant import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_packed, dequantize_weight,
+                    pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels, unpack_levels)
+from .rsparse import RSparseWeights
+from .sparse_attention import (BlockSparseMask, PageSummary, anchor, block_sparse_attention, centroid_select,
+                               kmeans_keys, paged_sparse_decode, select_pages, sparse_decode_attention, streaming,
+                               topk_blocks, vertical_slash)
+from .speculative import (compact_kv, merge_attention_states, tree_attention, tree_depths, tree_mask, tree_paths,
+                          tree_positions, validate_parents, verify_greedy, verify_sampling, verify_typical)
 
-__all__ = ["lowbit_linear", "rsparse_linear", "tree_attention", "merge_attention_states", "verify_greedy",
-           "verify_sampling", "verify_typical", "compact_kv", "block_sparse_attention", "sparse_decode_attention",
-           "paged_sparse_decode", "backends", "nn", "ops", "quant", "rsparse",
-           "sparse_attention", "speculative", "__version__"]
+__all__ = [
+    # low-bit GEMM
+    "lowbit_linear", "FORMATS", "QuantizedWeight", "MixedQuantizedWeight", "quantize_weight",
+    "quantize_weight_mixed", "select_salient_channels", "dequantize_weight", "dequantize_packed", "pack_levels",
+    "unpack_levels",
+    # R-Sparse
+    "rsparse_linear", "RSparseWeights",
+    # sparse attention
+    "block_sparse_attention", "BlockSparseMask", "streaming", "vertical_slash", "anchor", "kmeans_keys",
+    "centroid_select", "topk_blocks", "PageSummary", "select_pages", "paged_sparse_decode", "sparse_decode_attention",
+    # speculative
+    "tree_attention", "merge_attention_states", "verify_greedy", "verify_sampling", "verify_typical", "compact_kv",
+    "validate_parents", "tree_depths", "tree_mask", "tree_positions", "tree_paths",
+    "backends", "nn", "ops", "__version__",
+]

@@ -14,12 +14,11 @@ from .. import backends
 from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, _dequantize, _dequantize_mixed,
                             effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
 from ..reference import lowbit as reference
-from . import check_bias, lib
+from ._library import DTYPE_NAMES, check_bias, impl, lib, stream
 
 CUDA_MAX_M = 16
 CUDA_MAX_K = 2 ** 20  # the GEMV's K_pad limit (chunk -> group index by a 32-bit multiply)
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 lib.define("lowbit_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, float bits, "
            "int group_size, int in_features, str? backend=None) -> Tensor")
@@ -71,7 +70,7 @@ def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, pa
                 f"(got M={m}); use backend='triton' for larger M")
     if any(padded_in_features(k, bits) > CUDA_MAX_K for bits, k in parts):
         return f"the cuda backend supports in_features <= {CUDA_MAX_K}"
-    if x.dtype not in _DTYPE_NAMES or scales.dtype not in _DTYPE_NAMES:
+    if x.dtype not in DTYPE_NAMES or scales.dtype not in DTYPE_NAMES:
         return f"the cuda backend needs float16/bfloat16 x and scales (got {x.dtype} and {scales.dtype})"
     return None
 
@@ -86,8 +85,8 @@ def _run_cuda(x2, segments, bias, perm):
                                                        "k_b", "group_b"), parts[6:]))) if perm is not None else {}
     backends.extension().lowbit_gemv(
         x2.data_ptr(), 0 if bias is None else bias.data_ptr(), out.data_ptr(), m, n, x2.stride(0), out.stride(0),
-        _DTYPE_NAMES[x2.dtype], _DTYPE_NAMES[segments[0][1].dtype],
-        torch.cuda.current_stream(x2.device).cuda_stream, *parts[:6], **mixed)
+        DTYPE_NAMES[x2.dtype], DTYPE_NAMES[segments[0][1].dtype],
+        stream(x2), *parts[:6], **mixed)
     return out
 
 
@@ -134,9 +133,8 @@ def _lowbit_gemm_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, b
     return _dispatch(x, segments, bias, perm, backend, lambda: reference.lowbit_gemm_mixed(*args))
 
 
-for _op, _impl in (("lowbit_gemm", _lowbit_gemm), ("lowbit_gemm_mixed", _lowbit_gemm_mixed)):
-    lib.impl(_op, _impl, "CPU")
-    lib.impl(_op, _impl, "CUDA")
+impl("lowbit_gemm", _lowbit_gemm)
+impl("lowbit_gemm_mixed", _lowbit_gemm_mixed)
 
 
 @torch.library.register_fake("efficient_ops::lowbit_gemm")

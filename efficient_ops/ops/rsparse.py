@@ -14,11 +14,10 @@ import torch
 
 from .. import backends
 from ..reference import rsparse as reference
-from ..rsparse import DTYPES, KERNEL_DTYPES, RSparseWeights, _mask, validate_weights
-from . import check_bias, lib
+from ..rsparse import DTYPES, RSparseWeights, _mask, validate_weights
+from ._library import DTYPE_NAMES, KERNEL_DTYPES, check_bias, impl, lib, stream
 
 CUDA_MAX_M = 8
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 lib.define("rsparse_linear(Tensor x, Tensor weight_t, Tensor col_norms, float threshold, Tensor v, Tensor us_t, "
            "Tensor? bias, str? backend=None) -> Tensor")
@@ -60,8 +59,8 @@ def _run_cuda(x2, weight_t, col_norms, threshold, v, us_t, bias):
                      M=m, K=k, N=n, R=r, x_row_stride=x2.stride(0), out_row_stride=out.stride(0),
                      weight_t_ptr=weight_t.data_ptr(), col_norms_ptr=col_norms.data_ptr(), threshold=threshold,
                      v_ptr=v.data_ptr() if r else 0, us_t_ptr=us_t.data_ptr() if r else 0,
-                     workspace_ptr=workspace.data_ptr(), dtype=_DTYPE_NAMES[x2.dtype],
-                     stream=torch.cuda.current_stream(x2.device).cuda_stream)
+                     workspace_ptr=workspace.data_ptr(), dtype=DTYPE_NAMES[x2.dtype],
+                     stream=stream(x2))
     return out
 
 
@@ -91,8 +90,7 @@ def _rsparse_linear(x, weight_t, col_norms, threshold, v, us_t, bias, backend=No
     return out.reshape(*x.shape[:-1], n)
 
 
-lib.impl("rsparse_linear", _rsparse_linear, "CPU")
-lib.impl("rsparse_linear", _rsparse_linear, "CUDA")
+impl("rsparse_linear", _rsparse_linear)
 
 
 @torch.library.register_fake("efficient_ops::rsparse_linear")

@@ -15,12 +15,10 @@ import torch
 from .. import backends
 from ..reference import sparse_attention as reference
 from ..sparse_attention import BLOCK_SIZES, PAGE_SIZES
-from . import lib
+from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = {"cuda": (64, 128), "triton": (64, 128, 256)}  # head_dim 256: block-sparse prefill on Triton
 CUDA_MAX_GROUP = 16  # query heads per KV head in the CUDA decode kernel
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 lib.define("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
            "int block_m, int block_n, bool causal, float? scale=None, str? backend=None) -> (Tensor, Tensor)")
@@ -30,14 +28,6 @@ lib.define("paged_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor
            "int page_size, float? scale=None, str? backend=None) -> Tensor")
 
 
-def _impl(name, fn):
-    lib.impl(name, fn, "CPU")
-    lib.impl(name, fn, "CUDA")
-
-
-def _checking_values(t: torch.Tensor) -> bool:
-    """Whether data-dependent checks may run: they synchronise, which CUDA-graph capture forbids."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_attention_inputs(q, k, v, q_dims, names=("q", "k", "v")):
@@ -73,9 +63,6 @@ def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
     return None
 
 
-def _stream(t):
-    return torch.cuda.current_stream(t.device).cuda_stream
-
 
 # ---------------------------------------------------------------------------------------------------- prefill
 
@@ -97,7 +84,7 @@ def _check_block_mask(q, k, kv_num_blocks, kv_indices, block_m, block_n):
     if kv_indices.shape != (bm, hm, mq, nk):
         raise ValueError(f"kv_indices: expected [{bm}, {hm}, {mq}, Nk={nk}] for Skv={skv}, block_n={block_n}, got "
                          f"{list(kv_indices.shape)}")
-    if not _checking_values(kv_indices) or kv_indices.numel() == 0:
+    if not checking_values(kv_indices) or kv_indices.numel() == 0:
         return
     if ((kv_num_blocks < 0) | (kv_num_blocks > nk)).any():
         raise ValueError(f"kv_num_blocks: every entry must be in [0, Nk = {nk}]")
@@ -125,7 +112,7 @@ def _run_block_sparse_cuda(q, k, v, kv_num_blocks, kv_indices, block_m, block_n,
         num_blocks_strides=strides(kv_num_blocks, (0, 1)),
         indices_strides=strides(kv_indices, (0, 1)) + [kv_indices.stride(2)], causal=causal,
         q_strides=list(q.stride()[:3]), k_strides=list(k.stride()[:3]), v_strides=list(v.stride()[:3]),
-        out_strides=list(out.stride()[:3]), scale=scale, dtype=_DTYPE_NAMES[q.dtype], stream=_stream(q))
+        out_strides=list(out.stride()[:3]), scale=scale, dtype=DTYPE_NAMES[q.dtype], stream=stream(q))
     return out, lse
 
 
@@ -151,7 +138,7 @@ def _block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n
         return _PREFILL_RUNNERS[name](q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale)
 
 
-_impl("block_sparse_attention", _block_sparse_attention)
+impl("block_sparse_attention", _block_sparse_attention)
 
 
 @torch.library.register_fake("efficient_ops::block_sparse_attention")
@@ -170,7 +157,7 @@ def _check_decode(q, k_cache, v_cache, seq_lens, page_size):
         raise ValueError(f"seq_lens: expected an integer tensor of shape [{q.shape[0]}]")
     if seq_lens.device != q.device:
         raise ValueError(f"seq_lens: on {seq_lens.device}, but q is on {q.device}")
-    if _checking_values(seq_lens) and ((seq_lens < 0) | (seq_lens > k_cache.shape[2])).any():
+    if checking_values(seq_lens) and ((seq_lens < 0) | (seq_lens > k_cache.shape[2])).any():
         raise ValueError(f"seq_lens: every entry must be in [0, S_max = {k_cache.shape[2]}]")
 
 
@@ -202,7 +189,7 @@ def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
     return torch.where(chosen == n_pages, -1, chosen).to(torch.int32)
 
 
-_impl("select_pages", _select_pages)
+impl("select_pages", _select_pages)
 
 
 @torch.library.register_fake("efficient_ops::select_pages")
@@ -219,7 +206,7 @@ def _check_pages(page_indices, q, k_cache, page_size):
                          f"{getattr(page_indices, 'dtype', None)} {list(getattr(page_indices, 'shape', []))}")
     if page_indices.device != q.device:
         raise ValueError(f"page_indices: on {page_indices.device}, but q is on {q.device}")
-    if _checking_values(page_indices) and page_indices.numel():
+    if checking_values(page_indices) and page_indices.numel():
         n_pages = -(-s_max // page_size)
         if ((page_indices < -1) | (page_indices >= n_pages)).any():
             raise ValueError(f"page_indices: entries must be -1 (unused) or pages in [0, {n_pages})")
@@ -232,8 +219,8 @@ def _run_decode_cuda(q, k_cache, v_cache, seq_lens, pages, page_size, scale):
     ext = backends.extension()
     b, hq, d = q.shape
     hkv, s_max, n_sel = k_cache.shape[1], k_cache.shape[2], pages.shape[2]
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
-    n_splits = ext.paged_sparse_decode_num_splits(B=b, Hkv=hkv, n_sel=n_sel, page_size=page_size, sm_count=sm_count)
+    sms = sm_count(q.device)
+    n_splits = ext.paged_sparse_decode_num_splits(B=b, Hkv=hkv, n_sel=n_sel, page_size=page_size, sm_count=sms)
     workspace = torch.empty(ext.paged_sparse_decode_workspace_bytes(B=b, Hq=hq, D=d, num_splits=n_splits),
                             dtype=torch.uint8, device=q.device)
     out = torch.empty_like(q)
@@ -242,7 +229,7 @@ def _run_decode_cuda(q, k_cache, v_cache, seq_lens, pages, page_size, scale):
         seq_lens_ptr=seq_lens.data_ptr(), page_indices_ptr=pages.data_ptr(), workspace_ptr=workspace.data_ptr(), B=b,
         Hq=hq, Hkv=hkv, D=d, S_max=s_max, page_size=page_size, n_sel=n_sel, num_splits=n_splits,
         q_strides=list(q.stride()[:2]), k_strides=list(k_cache.stride()[:3]), v_strides=list(v_cache.stride()[:3]),
-        out_strides=list(out.stride()[:2]), scale=scale, dtype=_DTYPE_NAMES[q.dtype], stream=_stream(q))
+        out_strides=list(out.stride()[:2]), scale=scale, dtype=DTYPE_NAMES[q.dtype], stream=stream(q))
     return out
 
 
@@ -275,7 +262,7 @@ def _paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size,
                                      scale)
 
 
-_impl("paged_sparse_decode", _paged_sparse_decode)
+impl("paged_sparse_decode", _paged_sparse_decode)
 
 
 @torch.library.register_fake("efficient_ops::paged_sparse_decode")

@@ -21,13 +21,11 @@ import torch
 from .. import backends
 from ..reference import speculative as reference
 from ..speculative import tree_depths, tree_mask, validate_parents
-from . import lib
+from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
 
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MAX_TREE = 256
 MODES = ("iid", "without_replacement", "deterministic")
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 lib.define("tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, Tensor parents, "
            "float? scale=None, str? backend=None) -> Tensor")
@@ -41,14 +39,6 @@ lib.define("compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor prefix_len
            "Tensor accept_len, str? backend=None) -> Tensor")
 
 
-def _impl(name, fn):
-    lib.impl(name, fn, "CPU")
-    lib.impl(name, fn, "CUDA")
-
-
-def _checking_values(t: torch.Tensor) -> bool:
-    """Whether data-dependent checks may run: they synchronise, which CUDA-graph capture forbids."""
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _check_int(t, name, shape=None):
@@ -73,7 +63,7 @@ def _check_parents(parents, b: int, t: int, device) -> None:
                          f"{list(parents.shape)}")
     if parents.device != device:
         raise ValueError(f"parents: on {parents.device}, but the other inputs are on {device}")
-    if _checking_values(parents):
+    if checking_values(parents):
         validate_parents(parents)
 
 
@@ -103,7 +93,7 @@ def _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents):
     _check_same_device(q.device, k_cache=k_cache, v_cache=v_cache, prefix_lens=prefix_lens)
     _check_int(prefix_lens, "prefix_lens", (b,))
     _check_parents(parents, b, t, q.device)
-    if _checking_values(prefix_lens) and b and ((prefix_lens < 0) | (prefix_lens > s_max - t)).any():
+    if checking_values(prefix_lens) and b and ((prefix_lens < 0) | (prefix_lens > s_max - t)).any():
         raise ValueError(f"prefix_lens: every entry must be in [0, S_max - T] = [0, {s_max - t}] (the tree tokens sit "
                          f"at prefix_len .. prefix_len + T - 1), got {prefix_lens.tolist()}")
 
@@ -128,8 +118,8 @@ def _run_tree_attention_cuda(q, k_cache, v_cache, prefix_lens, parents, scale):
     ext = backends.extension()
     b, hq, t, d = q.shape
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
-    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
-    n_splits = ext.tree_attention_num_splits(B=b, Hq=hq, Hkv=hkv, T=t, S_max=s_max, sm_count=sm_count)
+    sms = sm_count(q.device)
+    n_splits = ext.tree_attention_num_splits(B=b, Hq=hq, Hkv=hkv, T=t, S_max=s_max, sm_count=sms)
     workspace = torch.empty(ext.tree_attention_workspace_bytes(B=b, Hq=hq, T=t, D=d, num_splits=n_splits),
                             dtype=torch.uint8, device=q.device)
     out = torch.empty_like(q)
@@ -139,7 +129,7 @@ def _run_tree_attention_cuda(q, k_cache, v_cache, prefix_lens, parents, scale):
                        num_splits=n_splits, q_strides=list(q.stride()[:3]), k_strides=list(k_cache.stride()[:3]),
                        v_strides=list(v_cache.stride()[:3]), out_strides=list(out.stride()[:3]),
                        parents_batch_stride=parents.stride(0) if parents.shape[0] > 1 else 0, scale=scale,
-                       dtype=_DTYPE_NAMES[q.dtype], stream=torch.cuda.current_stream(q.device).cuda_stream)
+                       dtype=DTYPE_NAMES[q.dtype], stream=stream(q))
     return out
 
 
@@ -163,7 +153,7 @@ def _tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale=None, backe
         return _TREE_RUNNERS[name](q, k_cache, v_cache, prefix_lens.long().contiguous(), parents, scale)
 
 
-_impl("tree_attention", _tree_attention)
+impl("tree_attention", _tree_attention)
 
 
 @torch.library.register_fake("efficient_ops::tree_attention")
@@ -188,7 +178,7 @@ def _merge_attention_states(o_a, lse_a, o_b, lse_b):
     return reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
 
 
-_impl("merge_attention_states", _merge_attention_states)
+impl("merge_attention_states", _merge_attention_states)
 
 
 @torch.library.register_fake("efficient_ops::merge_attention_states")
@@ -210,7 +200,7 @@ def _check_verify(tokens, parents, probs, probs_name):
         raise ValueError(f"{probs_name}: expected shape [B={b}, T={t}, V], got {list(probs.shape)}")
     if probs.device != tokens.device:
         raise ValueError(f"{probs_name}: on {probs.device}, but tokens are on {tokens.device}")
-    if _checking_values(tokens) and ((tokens < 0) | (tokens >= probs.shape[2])).any():
+    if checking_values(tokens) and ((tokens < 0) | (tokens >= probs.shape[2])).any():
         raise ValueError(f"tokens: every token must be in [0, V = {probs.shape[2]})")
     return b, t, (parents if parents.dim() == 2 else parents[None]).long().expand(b, t)
 
@@ -258,7 +248,7 @@ def _verify_greedy(tokens, parents, target_logits):
     return depth[rows, node], accepted, best[rows, node]
 
 
-_impl("verify_greedy", _verify_greedy)
+impl("verify_greedy", _verify_greedy)
 
 
 def _verify_fake(tokens, parents, probs, *args, **kwargs):
@@ -360,7 +350,7 @@ def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator
     return verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final, name)
 
 
-_impl("verify_sampling", _verify_sampling)
+impl("verify_sampling", _verify_sampling)
 torch.library.register_fake("efficient_ops::verify_sampling")(_verify_fake)
 
 
@@ -377,7 +367,7 @@ def _verify_typical(tokens, parents, target_probs, posterior_threshold=0.09, pos
     return depth[rows, node], accepted, p[rows, node].argmax(-1)
 
 
-_impl("verify_typical", _verify_typical)
+impl("verify_typical", _verify_typical)
 torch.library.register_fake("efficient_ops::verify_typical")(_verify_fake)
 
 
@@ -401,7 +391,7 @@ def _check_compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len)
                     ("accept_len", accept_len)):
         if t.device != k_cache.device:
             raise ValueError(f"{name}: on {t.device}, but k_cache is on {k_cache.device}")
-    if not _checking_values(k_cache) or b == 0:
+    if not checking_values(k_cache) or b == 0:
         return
     p = accepted_nodes.shape[1]
     if ((accept_len < 0) | (accept_len >= p)).any():
@@ -435,7 +425,7 @@ def _run_compact_kv_cuda(k5, v5, prefix_lens, accepted, accept_len):
                    accepted_ptr=accepted.data_ptr(), accept_len_ptr=accept_len.data_ptr(), L=n_layers, B=b, Hkv=hkv,
                    S_max=s_max, D=d, P=accepted.shape[1], k_strides=list(k5.stride()[:4]),
                    v_strides=list(v5.stride()[:4]), accepted_batch_stride=accepted.stride(0),
-                   elem_bytes=k5.element_size(), stream=torch.cuda.current_stream(k5.device).cuda_stream)
+                   elem_bytes=k5.element_size(), stream=stream(k5))
 
 
 def _run_compact_kv_triton(k5, v5, prefix_lens, accepted, accept_len):
@@ -460,7 +450,7 @@ def _compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, backe
     return prefix_lens + accept_len.to(prefix_lens.dtype) + 1
 
 
-_impl("compact_kv", _compact_kv)
+impl("compact_kv", _compact_kv)
 
 
 @torch.library.register_fake("efficient_ops::compact_kv")
