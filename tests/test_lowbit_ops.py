@@ -15,7 +15,7 @@ from efficient_ops import backends
 from efficient_ops import dequantize_weight, quantize_weight, quantize_weight_mixed
 
 from conftest import rel_err
-from test_quant_lowbit import ALL_BITS, dequantize_independent
+from test_lowbit_formats import ALL_BITS, dequantize_independent
 
 TOL = {torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 needs_interpreter = pytest.mark.skipif(not backends.interpreter_enabled(),
