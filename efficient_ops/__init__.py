@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from . import backends, nn, ops, quant, rsparse, sparse_attention, speculative  # noqa: F401
 from .ops.lowbit import lowbit_linear
 from .ops.rsparse import rsparse_linear
+from .ops.tempo import pack_segments, segment_relevance
 from .quant import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_packed, dequantize_weight,
                     pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels, unpack_levels)
 from .rsparse import RSparseWeights
@@ -33,5 +34,7 @@ __all__ = [
     # speculative
     "tree_attention", "merge_attention_states", "verify_greedy", "verify_sampling", "verify_typical", "compact_kv",
     "validate_parents", "tree_depths", "tree_mask", "tree_positions", "tree_paths",
+    # Tempo
+    "pack_segments", "segment_relevance",
     "backends", "nn", "ops", "__version__",
 ]
