@@ -242,3 +242,15 @@ def test_tempo_checkpoint_names_are_mapped(models, video_file, tmp_path):
     want = TempoPipeline(comp, llm)(video_file, QUERY, budget=64, max_new_tokens=4)
     got = loaded(video_file, QUERY, budget=64, max_new_tokens=4)
     assert torch.allclose(got.scores, want.scores, atol=1e-6) and got.tokens == want.tokens
+
+
+def test_cli_demo_prints_allocation_and_writes_the_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from efficient_ops.cli import main
+    png = tmp_path / "alloc.png"
+    assert main(["tempo", "--demo", "--max-new-tokens", "2", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "visual tokens:" in out and "of 96" in out and "budget-filling variant" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="VIDEO and QUESTION are required"):
+        main(["tempo"])
