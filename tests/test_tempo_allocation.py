@@ -84,7 +84,7 @@ def test_ata_never_exceeds_budget(scores, k, extra, k_min, fill):
     if fill:
         plain = allocate_tokens(torch.tensor(scores), budget, k, k_min)
         assert (alloc >= plain).all()
-        assert int(alloc.sum()) == min(budget, n * k) or bool((alloc == plain).all() and max(scores) - min(scores) < 1e-8)
+        assert int(alloc.sum()) == min(budget, n * k)  # every token handed out, or every segment full
 
 
 def test_fill_gives_unused_budget_to_relevant_segments():

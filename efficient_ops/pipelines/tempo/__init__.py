@@ -17,4 +17,5 @@ from .pipeline import METHODS, TempoAnswer, TempoPipeline
 from .video import Segments, Video, load_video, segment
 
 __all__ = ["pack_segments", "segment_relevance", "allocate_tokens", "uniform_allocation", "truncated_allocation",
-           "Compressed", "Compressor", "QwenVLCompressor", "TempoLLM", "TempoPipeline", "TempoAnswer", "METHODS", "Segments", "Video", "load_video", "segment"]
+           "Compressed", "Compressor", "QwenVLCompressor", "TempoLLM", "TempoPipeline", "TempoAnswer", "METHODS",
+           "Segments", "Video", "load_video", "segment"]

@@ -59,7 +59,8 @@ def allocate_tokens(scores, budget: int, k_max: int, k_min: int = K_MIN, fill: b
         k_min = max(1, budget // n)
     lo, hi = s.min(), s.max()
     if hi - lo < 1e-8:
-        return torch.full((n,), min(k_max, budget // n), dtype=torch.long)
+        alloc = torch.full((n,), min(k_max, budget // n), dtype=torch.long)
+        return _fill(alloc, torch.zeros(n), budget, k_max) if fill else alloc
     s_hat = (s - lo) / (hi - lo)
     alloc = k_min + (s_hat * (k_max - k_min)).floor().long()
     if alloc.sum().item() > budget:
