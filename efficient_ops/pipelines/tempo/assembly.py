@@ -23,7 +23,7 @@ def tome_merge(x: torch.Tensor, target: int) -> torch.Tensor:
     tokens, sizes, order = x.float(), torch.ones(x.shape[0], 1), torch.arange(x.shape[0], dtype=torch.float64)
     while tokens.shape[0] > target:
         a, b = tokens[0::2], tokens[1::2]
-        r = min(tokens.shape[0] - target, a.shape[0], b.shape[0] if b.shape[0] else 0)
+        r = min(tokens.shape[0] - target, a.shape[0], b.shape[0])
         if r <= 0:
             break
         na, nb = a / a.norm(dim=-1, keepdim=True).clamp_min(1e-12), b / b.norm(dim=-1, keepdim=True).clamp_min(1e-12)
