@@ -254,3 +254,16 @@ def test_cli_demo_prints_allocation_and_writes_the_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="VIDEO and QUESTION are required"):
         main(["tempo"])
+
+
+def test_from_pretrained_with_a_quantized_llm(models, video_file, tmp_path):
+    tok, comp, _ = models
+    comp.vlm.save_pretrained(str(tmp_path / "qwen3vl"))
+    tok.save_pretrained(str(tmp_path / "qwen3vl"))
+    tiny_qwen3(tok, hidden=128).save_pretrained(str(tmp_path / "llm"))
+    tok.save_pretrained(str(tmp_path / "llm"))
+    pipe = TempoPipeline.from_pretrained(str(tmp_path / "qwen3vl"), str(tmp_path / "llm"), num_memory_tokens=8,
+                                         quantize_bits=4)
+    assert type(pipe.llm.model.model.layers[0].mlp.up_proj).__name__ == "QuantLinear"
+    answer = pipe(video_file, QUERY, budget=40, max_new_tokens=2)
+    assert answer.visual_tokens_used <= 40 and len(answer.tokens) >= 1
