@@ -21,6 +21,7 @@ from .ops.rsparse import rsparse_linear
 from .ops.sparse_attention import block_sparse_attention, paged_sparse_decode, select_pages, sparse_decode_attention
 from .ops.speculative import (compact_kv, merge_attention_states, tree_attention, verify_greedy, verify_sampling,
                               verify_typical)
+from .ops.tempo import pack_segments, segment_relevance
 
 __all__ = [
     # low-bit GEMM
@@ -35,5 +36,7 @@ __all__ = [
     # speculative
     "tree_attention", "merge_attention_states", "verify_greedy", "verify_sampling", "verify_typical", "compact_kv",
     "validate_parents", "tree_depths", "tree_mask", "tree_positions", "tree_paths",
+    # Tempo
+    "pack_segments", "segment_relevance",
     "backends", "formats", "nn", "ops", "__version__",
 ]

@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import __version__, backends
+from .pipelines.tempo import cli as tempo_cli
 
 # Per op: what each backend covers, shown by ``info`` (an op without a backend's entry has no such backend).
 OPS = {
@@ -39,7 +40,7 @@ OPS = {
     "verify_sampling": {"triton": "one program per batch row walks the tree on the device",
                         "reference": "batched PyTorch, any device"},
 }
-FAMILIES = ("lowbit", "rsparse", "speculative", "sparse_attention")  # one bench/<family>.py each
+FAMILIES = ("lowbit", "rsparse", "speculative", "sparse_attention", "tempo")  # one bench/<family>.py each
 
 
 def _gpu_line() -> str:
@@ -108,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default: all")
     p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     p.add_argument("--quick", action="store_true", help="one shape and three batch sizes per family")
+    tempo_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "tempo":
+        return tempo_cli.run(args)
     if args.command == "info":
         info()
     else:
