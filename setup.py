@@ -4,8 +4,10 @@ Metadata lives in pyproject.toml; this file adds the package layout and the exte
 
 Environment variables
 ---------------------
-EFFICIENT_OPS_BUILD_CUDA   auto (default): build ``_C`` when nvcc is found, otherwise print why and
-                           install the pure-Python package (Triton / reference backends only).
+EFFICIENT_OPS_BUILD_CUDA   auto (default): build ``_C`` when nvcc is found, otherwise record why in
+                           efficient_ops/_C_not_built.txt (``efficient-ops info`` prints it: pip shows
+                           this script's output only with -v) and install the pure-Python package
+                           (Triton / reference backends only).
                            0: never build it.  1: require it; a missing nvcc is an error.
                            In every mode, a CUDA build that was started and failed fails the install:
                            a broken kernel build must never be hidden behind a silent fallback.
