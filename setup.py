@@ -60,7 +60,9 @@ def _find_nvcc() -> tuple[str | None, str]:
         home = os.environ.get(var)
         if home:  # an explicit toolkit root wins, and is not second-guessed
             nvcc = Path(home) / "bin" / "nvcc"
-            return (str(nvcc) if nvcc.is_file() else None), f"{var}={home}, which has no bin/nvcc"
+            if nvcc.is_file():
+                return str(nvcc), f"{var}={home}"
+            return None, f"{var}={home}, which has no bin/nvcc"
     cudacxx = os.environ.get("CUDACXX")
     if cudacxx and Path(cudacxx).is_file():
         return cudacxx, f"CUDACXX={cudacxx}"

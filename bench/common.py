@@ -3,8 +3,9 @@
 GPU timing replays a CUDA graph that runs every call once over input buffers rotating
 through more than twice the L2 size, and reports the median over replays of the time
 per call (CUDA events), with the 10th and 90th percentiles and the repeat count
-(:class:`Timing`; the result files carry them as ``<column>_p10``, ``<column>_p90``, ``<column>_reps``). Graph replay removes Python and launch overhead, which is what
-a decode step captured in a graph sees. Peaks (copy bandwidth, dense bf16 matmul) are
+(:class:`Timing`; the result files carry them as ``<column>_p10``, ``<column>_p90``,
+``<column>_reps``). Graph replay removes Python and launch overhead, which is what a decode
+step captured in a graph sees. Peaks (copy bandwidth, dense bf16 matmul) are
 measured in the same run so that every row can be read as a fraction of the machine.
 """
 
@@ -109,9 +110,9 @@ def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps
 
 
 def time_eager(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> Timing:
-    """Microseconds per call (median and spread) without a CUDA graph: each call timed on its own with CUDA events, cycling
-    through ``calls``. For calls that synchronise with the host (the reference backends), which graph capture
-    forbids. Off a GPU it is :func:`time_calls`."""
+    """Microseconds per call (median and spread) without a CUDA graph: each call timed on its own with CUDA
+    events, cycling through ``calls``. For calls that synchronise with the host (the reference backends),
+    which graph capture forbids. Off a GPU it is :func:`time_calls`."""
     if device.type != "cuda":
         return time_calls(calls, device, reps=reps)
     for call in calls[:2]:
