@@ -4,8 +4,10 @@ Metadata lives in pyproject.toml; this file adds the package layout and the exte
 
 Environment variables
 ---------------------
-EFFICIENT_OPS_BUILD_CUDA   auto (default): build ``_C`` when nvcc is found, otherwise print why and
-                           install the pure-Python package (Triton / reference backends only).
+EFFICIENT_OPS_BUILD_CUDA   auto (default): build ``_C`` when nvcc is found, otherwise record why in
+                           efficient_ops/_C_not_built.txt (``efficient-ops info`` prints it: pip shows
+                           this script's output only with -v) and install the pure-Python package
+                           (Triton / reference backends only).
                            0: never build it.  1: require it; a missing nvcc is an error.
                            In every mode, a CUDA build that was started and failed fails the install:
                            a broken kernel build must never be hidden behind a silent fallback.
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parent
 EXT_NAME = "efficient_ops._C"
 DEFAULT_ARCHS = "80;90a"
 MIN_CMAKE = (3, 24)
+SKIP_NOTE = ROOT / "efficient_ops" / "_C_not_built.txt"  # installed with the package when _C is skipped
 
 
 def _log(msg: str) -> None:
@@ -57,7 +60,9 @@ def _find_nvcc() -> tuple[str | None, str]:
         home = os.environ.get(var)
         if home:  # an explicit toolkit root wins, and is not second-guessed
             nvcc = Path(home) / "bin" / "nvcc"
-            return (str(nvcc) if nvcc.is_file() else None), f"{var}={home}"
+            if nvcc.is_file():
+                return str(nvcc), f"{var}={home}"
+            return None, f"{var}={home}, which has no bin/nvcc"
     cudacxx = os.environ.get("CUDACXX")
     if cudacxx and Path(cudacxx).is_file():
         return cudacxx, f"CUDACXX={cudacxx}"
@@ -206,19 +211,30 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake finished but {ext_path} was not produced")
 
 
+def _record_skip(reason: str | None) -> None:
+    """Write why the extension was skipped into the package (``efficient-ops info`` prints it), or remove a
+    stale note when it is built: pip shows this script's output only with -v or on failure."""
+    if reason is None:
+        SKIP_NOTE.unlink(missing_ok=True)
+        return
+    _log(reason)
+    SKIP_NOTE.write_text(reason + "\n")
+
+
 def _extensions() -> list[Extension]:
     mode = _build_mode()
     if mode == "off":
-        _log("EFFICIENT_OPS_BUILD_CUDA=0: skipping the CUDA extension efficient_ops._C")
+        _record_skip("not built: the install set EFFICIENT_OPS_BUILD_CUDA=0")
         return []
     nvcc, where = _find_nvcc()
     if nvcc is None and mode == "auto":
-        _log(
-            f"nvcc not found (looked in {where}): skipping the CUDA extension efficient_ops._C; "
-            "the Triton and reference backends remain available. Set CUDA_HOME to build it, "
-            "or EFFICIENT_OPS_BUILD_CUDA=1 to make this an error."
+        _record_skip(
+            f"not built: nvcc was not found at install time (looked in {where}); the Triton and reference "
+            "backends remain available. Reinstall with CUDA_HOME set to the CUDA toolkit root to build it, "
+            "or with EFFICIENT_OPS_BUILD_CUDA=1 to make a missing nvcc an error."
         )
         return []
+    _record_skip(None)
     return [CMakeExtension(EXT_NAME, ROOT)]
 
 
@@ -235,5 +251,6 @@ setup(
         "efficient_ops.bench": "bench",
     },
     ext_modules=_extensions(),
+    package_data={"efficient_ops": [SKIP_NOTE.name]},
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -2,8 +2,10 @@
 
 GPU timing replays a CUDA graph that runs every call once over input buffers rotating
 through more than twice the L2 size, and reports the median over replays of the time
-per call (CUDA events). Graph replay removes Python and launch overhead, which is what
-a decode step captured in a graph sees. Peaks (copy bandwidth, dense bf16 matmul) are
+per call (CUDA events), with the 10th and 90th percentiles and the repeat count
+(:class:`Timing`; the result files carry them as ``<column>_p10``, ``<column>_p90``,
+``<column>_reps``). Graph replay removes Python and launch overhead, which is what a decode
+step captured in a graph sees. Peaks (copy bandwidth, dense bf16 matmul) are
 measured in the same run so that every row can be read as a fraction of the machine.
 """
 
@@ -14,6 +16,8 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -58,8 +62,21 @@ def device_slug(info: dict) -> str:
     return "cpu" if info["kind"] == "cpu" else re.sub(r"[^A-Za-z0-9.]+", "-", info["name"]).strip("-")
 
 
-def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> float:
-    """Median microseconds per call, cycling through ``calls`` (one per rotating input buffer)."""
+class Timing(float):
+    """Median microseconds per call, as a float (call sites compute with it as before), carrying the spread of
+    the repeats: ``p10``, ``p90`` (microseconds) and ``reps``. :func:`write_results` stores them next to it."""
+
+    def __new__(cls, samples_us: Sequence[float]):
+        samples = sorted(samples_us)
+        self = super().__new__(cls, statistics.median(samples))
+        deciles = statistics.quantiles(samples, n=10, method="inclusive") if len(samples) > 1 else samples * 9
+        self.p10, self.p90, self.reps = deciles[0], deciles[-1], len(samples)
+        return self
+
+
+def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> Timing:
+    """Microseconds per call over ``reps`` repeats (median and spread), cycling through ``calls`` (one per
+    rotating input buffer); on a GPU each repeat is one replay of a CUDA graph of every call."""
     for call in calls[:2]:  # compile / autotune outside the timed region
         call()
     if device.type != "cuda":
@@ -68,8 +85,8 @@ def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps
             call = calls[r % len(calls)]
             start = time.perf_counter()
             call()
-            samples.append(time.perf_counter() - start)
-        return statistics.median(samples) * 1e6
+            samples.append((time.perf_counter() - start) * 1e6)
+        return Timing(samples)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
@@ -89,13 +106,13 @@ def time_calls(calls: Sequence[Callable[[], object]], device: torch.device, reps
         end.record()
     torch.cuda.synchronize(device)
     del graph
-    return statistics.median(s.elapsed_time(e) for s, e in events) * 1e3 / len(calls)
+    return Timing([s.elapsed_time(e) * 1e3 / len(calls) for s, e in events])
 
 
-def time_eager(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> float:
-    """Median microseconds per call without a CUDA graph: each call timed on its own with CUDA events, cycling
-    through ``calls``. For calls that synchronise with the host (the reference backends), which graph capture
-    forbids. Off a GPU it is :func:`time_calls`."""
+def time_eager(calls: Sequence[Callable[[], object]], device: torch.device, reps: int = 50) -> Timing:
+    """Microseconds per call (median and spread) without a CUDA graph: each call timed on its own with CUDA
+    events, cycling through ``calls``. For calls that synchronise with the host (the reference backends),
+    which graph capture forbids. Off a GPU it is :func:`time_calls`."""
     if device.type != "cuda":
         return time_calls(calls, device, reps=reps)
     for call in calls[:2]:
@@ -109,7 +126,7 @@ def time_eager(calls: Sequence[Callable[[], object]], device: torch.device, reps
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(samples)
+    return Timing(samples)
 
 
 def rotations(bytes_per_set: int, device: torch.device) -> int:
@@ -219,12 +236,64 @@ def markdown_table(rows: List[dict], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out_dir: str, family: str, payload: dict, table: str) -> str:
-    """Write ``<out_dir>/<device>/<family>.json`` and ``.md``; return the folder."""
+def source_commit() -> Optional[str]:
+    """The git commit of the efficient_ops sources being run (``+dirty`` with uncommitted changes) when the
+    package is imported from a git checkout (an editable install); None for an installed wheel."""
+    import efficient_ops
+
+    package = os.path.dirname(os.path.abspath(efficient_ops.__file__))
+    try:
+        top = subprocess.run(["git", "-C", package, "rev-parse", "--show-toplevel"], check=False,
+                             capture_output=True, text=True, timeout=10)
+        if top.returncode != 0 or os.path.realpath(os.path.join(top.stdout.strip(), "efficient_ops")) != \
+                os.path.realpath(package):
+            return None  # not a checkout of this project (e.g. site-packages inside some other repository)
+        head = subprocess.run(["git", "-C", package, "rev-parse", "HEAD"], check=False, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", package, "status", "--porcelain", "--untracked-files=no"],
+                               check=False, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + "+dirty" if dirty else head) or None
+
+
+def run_info(quick: bool) -> dict:
+    """What identifies a run beyond the device: quick or full, the package version and source commit, the
+    command line and how times are summarised."""
+    import efficient_ops
+
+    return {"mode": "quick" if quick else "full", "efficient_ops": efficient_ops.__version__,
+            "commit": source_commit(), "command": " ".join(sys.argv),
+            "timing": "per case: median microseconds per call over the repeats, with p10/p90 and the repeat "
+                      "count as <column>_p10, <column>_p90, <column>_reps"}
+
+
+def _spread_columns(payload: dict) -> None:
+    """Next to every :class:`Timing` in the payload's row lists, add its ``_p10``, ``_p90`` and ``_reps``."""
+    for rows in payload.values():
+        if isinstance(rows, list):
+            for row in rows:
+                if isinstance(row, dict):
+                    for key, value in list(row.items()):
+                        if isinstance(value, Timing):
+                            row.update({f"{key}_p10": value.p10, f"{key}_p90": value.p90, f"{key}_reps": value.reps})
+
+
+def write_results(out_dir: str, family: str, payload: dict, table: str, *, quick: bool) -> str:
+    """Write ``<out_dir>/<device>/<family>.json`` and ``.md`` (``<family>-quick.*`` for a quick run, so that it
+    never overwrites a full one), with :func:`run_info` in ``payload["run"]``; return their path without the
+    extension."""
     folder = os.path.join(out_dir, device_slug(payload["device"]))
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, f"{family}.json"), "w") as f:
+    payload["run"] = run_info(quick)
+    _spread_columns(payload)
+    name = f"{family}-quick" if quick else family
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=1)
-    with open(os.path.join(folder, f"{family}.md"), "w") as f:
-        f.write(f"# {family} on {payload['device']['name']}\n\n{payload.get('note', '')}\n\n{table}\n")
-    return folder
+    run, device = payload["run"], payload["device"]
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
+        f.write(f"# {family} on {device['name']} ({run['mode']} run)\n\n"
+                f"efficient_ops {run['efficient_ops']} (commit {run['commit'] or 'unknown: not a git checkout'}), "
+                f"torch {device['torch']}, triton {device['triton']}, {device['time_utc']}; times are medians, "
+                f"their p10/p90 and repeat counts are in {name}.json.\n\n{payload.get('note', '')}\n\n{table}\n")
+    return os.path.join(folder, name)

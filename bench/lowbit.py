@@ -102,11 +102,11 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     if payload["targets"]:
         table += "\n\nTargets (H100 goals of the low-bit issues; best backend per case):\n\n" + \
             common.markdown_table(payload["targets"], ["format", "target", "K", "N", "measured", "met"])
-    folder = common.write_results(out_dir, "lowbit", payload, table)
+    stem = common.write_results(out_dir, "lowbit", payload, table, quick=quick)
     peak_line = (f"measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul {peaks['matmul_tflops']:.0f} TFLOP/s"
                  if gpu else "")
     print(f"\nlowbit_gemm on {info['name']} ({str(dtype)}) {peak_line}\n{table}\n"
-          f"results: {folder}/lowbit.json, lowbit.md")
+          f"results: {stem}.json, {stem}.md")
     return payload
 
 

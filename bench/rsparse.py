@@ -170,10 +170,10 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     if payload["targets"]:
         table += "\n\nTargets (H100 goal of the R-Sparse issue; every backend and alpha):\n\n" + \
             common.markdown_table(payload["targets"], ["backend", "alpha", "target", "K", "N", "measured", "met"])
-    folder = common.write_results(out_dir, "rsparse", payload, table)
+    stem = common.write_results(out_dir, "rsparse", payload, table, quick=quick)
     peak_line = f"measured copy bandwidth {peaks['copy_gbps']:.0f} GB/s" if gpu else ""
     print(f"\nrsparse_linear on {info['name']} ({str(dtype)}) {peak_line}\n{table}\n"
-          f"results: {folder}/rsparse.json, rsparse.md")
+          f"results: {stem}.json, {stem}.md")
     return payload
 
 

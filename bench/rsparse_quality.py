@@ -212,7 +212,7 @@ def run(device, out_dir: str = "bench/results", sparsities: Sequence[float] = SP
     sanity = next(r for r in rows if r["sparsity"] == 0.0)
     sanity_ok = abs(sanity["ratio_to_dense"] - 1.0) <= SANITY_TOLERANCE
 
-    _, gguf = ppl.gguf_location()
+    gguf = ppl.smollm2_gguf().name
     linears = [m for name, m in dense.named_modules() if isinstance(m, nn.Linear) and name not in SKIP]
     payload = {
         "benchmark": "rsparse_quality",

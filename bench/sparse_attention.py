@@ -598,11 +598,11 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                "targets": check_targets(rows) if gpu else [],
                "decode_targets": check_decode_targets(decode_rows) if gpu else []}
     table = _report(payload)
-    folder = common.write_results(out_dir, "sparse_attention", payload, table)
+    stem = common.write_results(out_dir, "sparse_attention", payload, table, quick=quick)
     peak_line = (f" measured copy bandwidth {peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
                  f"{peaks['matmul_tflops']:.0f} TFLOP/s" if gpu else "")
     print(f"\nsparse_attention on {info['name']} ({str(dtype)}, Hq {hq}, Hkv {hkv}, D {d}){peak_line}\n{table}\n"
-          f"results: {folder}/sparse_attention.json, sparse_attention.md")
+          f"results: {stem}.json, {stem}.md")
     return payload
 
 

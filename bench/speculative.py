@@ -298,10 +298,10 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
                "skipped": skipped, "rows": rows, "compact_rows": compact_rows,
                "targets": check_targets(rows) if gpu else []}
     table = _report(payload)
-    folder = common.write_results(out_dir, "speculative", payload, table)
+    stem = common.write_results(out_dir, "speculative", payload, table, quick=quick)
     peak_line = f"measured copy bandwidth {peaks['copy_gbps']:.0f} GB/s" if gpu else ""
     print(f"\ntree_attention on {info['name']} ({str(dtype)}, Hq {hq}, Hkv {hkv}, D {d}) {peak_line}\n{table}\n"
-          f"results: {folder}/speculative.json, speculative.md")
+          f"results: {stem}.json, {stem}.md")
     return payload
 
 

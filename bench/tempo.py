@@ -136,7 +136,7 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     table = (common.markdown_table(kernels, ["op", "impl", "n", "d", "us", "gbps", "speedup"]) + "\n\n" +
              common.markdown_table(pipeline, ["budget", "method", "attention", "segments", "K", "visual_tokens",
                                               "context", "compress_seg_per_s", "ttft_ms", "wall_s"]))
-    folder = common.write_results(out_dir, "tempo", payload, table)
+    stem = common.write_results(out_dir, "tempo", payload, table, quick=quick)
     print(table)
-    print(f"results: {folder}/tempo.json, tempo.md")
+    print(f"results: {stem}.json, {stem}.md")
     return payload

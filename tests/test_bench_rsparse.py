@@ -12,8 +12,8 @@ from efficient_ops.bench import rsparse as bench
 
 def test_quick_cpu_run_writes_results(tmp_path):
     payload = bench.run(torch.device("cpu"), out_dir=str(tmp_path), quick=True)
-    saved = json.loads((tmp_path / "cpu" / "rsparse.json").read_text())
-    md = (tmp_path / "cpu" / "rsparse.md").read_text()
+    saved = json.loads((tmp_path / "cpu" / "rsparse-quick.json").read_text())
+    md = (tmp_path / "cpu" / "rsparse-quick.md").read_text()
     assert saved["family"] == "rsparse" and saved["rows"] == json.loads(json.dumps(payload["rows"]))
     assert "say nothing about GPU kernel speed" in saved["note"] and "say nothing about GPU kernel speed" in md
     rows = saved["rows"]

@@ -23,8 +23,8 @@ def brute_force_pairs(mask: BlockSparseMask, batch: int, heads: int) -> int:
 
 def test_quick_cpu_run_writes_consistent_results(tmp_path):
     payload = bench.run(torch.device("cpu"), out_dir=str(tmp_path), quick=True)
-    saved = json.loads((tmp_path / "cpu" / "sparse_attention.json").read_text())
-    md = (tmp_path / "cpu" / "sparse_attention.md").read_text()
+    saved = json.loads((tmp_path / "cpu" / "sparse_attention-quick.json").read_text())
+    md = (tmp_path / "cpu" / "sparse_attention-quick.md").read_text()
     assert saved["family"] == "sparse_attention" and saved["rows"] == json.loads(json.dumps(payload["rows"]))
     assert saved["decode_rows"] == json.loads(json.dumps(payload["decode_rows"]))
     assert "say nothing about GPU kernel speed" in saved["note"] and "say nothing about GPU kernel speed" in md

@@ -14,8 +14,8 @@ from efficient_ops import tree_depths, tree_mask, validate_parents
 
 def test_quick_cpu_run_writes_consistent_results(tmp_path):
     payload = bench.run(torch.device("cpu"), out_dir=str(tmp_path), quick=True)
-    saved = json.loads((tmp_path / "cpu" / "speculative.json").read_text())
-    md = (tmp_path / "cpu" / "speculative.md").read_text()
+    saved = json.loads((tmp_path / "cpu" / "speculative-quick.json").read_text())
+    md = (tmp_path / "cpu" / "speculative-quick.md").read_text()
     assert saved["family"] == "speculative" and saved["rows"] == json.loads(json.dumps(payload["rows"]))
     assert "say nothing about GPU kernel speed" in saved["note"] and "say nothing about GPU kernel speed" in md
     assert saved["failed_backends"] == {} and saved["skipped"] == [] and saved["targets"] == []

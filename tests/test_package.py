@@ -74,10 +74,10 @@ def test_cli_bench_cpu_smoke(tmp_path):
                        text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert r.returncode == 0, r.stderr
     assert "No CUDA GPU" in r.stdout
-    payload = json.loads((tmp_path / "cpu" / "lowbit.json").read_text())
+    payload = json.loads((tmp_path / "cpu" / "lowbit-quick.json").read_text())
     assert {row["M"] for row in payload["rows"]} == {1, 16, 64}
     assert all(row["backend"] == "reference" and row["us"] > 0 and row["f_linear_us"] > 0 for row in payload["rows"])
-    assert (tmp_path / "cpu" / "lowbit.md").read_text().count("| reference |") == len(payload["rows"])
+    assert (tmp_path / "cpu" / "lowbit-quick.md").read_text().count("| reference |") == len(payload["rows"])
 
 
 @pytest.mark.parametrize("archs, capability, runs", [
