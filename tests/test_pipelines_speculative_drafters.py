@@ -8,11 +8,21 @@ import pytest
 import torch
 
 import efficient_ops
-from efficient_ops.pipelines.speculative.drafters import (DraftModelDrafter, PromptLookupDrafter,
-                                                          TokenRecyclingDrafter, self_drafter)
+from efficient_ops.pipelines.speculative.drafters import (
+    DraftModelDrafter,
+    PromptLookupDrafter,
+    TokenRecyclingDrafter,
+    self_drafter,
+)
 from efficient_ops.pipelines.speculative.protocol import DraftTree, Sampling
-from efficient_ops.pipelines.speculative.trees import (DynamicTree, chain, ranked_tree, select_top_nodes,
-                                                       static_tree, stop_deepening)
+from efficient_ops.pipelines.speculative.trees import (
+    DynamicTree,
+    chain,
+    ranked_tree,
+    select_top_nodes,
+    static_tree,
+    stop_deepening,
+)
 
 transformers = pytest.importorskip("transformers")
 
