@@ -7,6 +7,6 @@ verified in one target forward on the package's tree attention, verification and
 """
 
 from .generate import GenerateOutput, GenerateStats, generate
-from .protocol import DraftTree, Drafter, Sampling
+from .protocol import Drafter, DraftTree, Sampling
 
 __all__ = ["generate", "GenerateOutput", "GenerateStats", "DraftTree", "Drafter", "Sampling"]

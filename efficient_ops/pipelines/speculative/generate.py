@@ -10,9 +10,9 @@ from typing import List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from .protocol import DraftTree, Drafter, Sampling
+from .protocol import Drafter, DraftTree, Sampling, check_sampling, warp
 from .runner import TreeRunner, attention_swapped
-from .verify import ACCEPTANCE, check_sampling, verify_step, warp
+from .verify import ACCEPTANCE, verify_step
 
 MODES = ("iid", "without_replacement", "deterministic")
 
@@ -48,7 +48,9 @@ class GenerateOutput:
 
 
 def _default_drafter() -> Drafter:
-    from . import drafters  # written alongside; imported lazily so the loop does not depend on it
+    from . import (
+        drafters,  # written alongside; imported lazily so the loop does not depend on it
+    )
 
     return drafters.PromptLookupDrafter()
 
@@ -63,6 +65,9 @@ def _as_ids(value, name) -> Optional[List[int]]:
 
 
 def _check_inputs(model, input_ids, attention_mask, max_new_tokens, max_nodes, acceptance):
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "config"):
+        raise ValueError(f"model: expected a Hugging Face PreTrainedModel (a causal LM such as AutoModelForCausalLM "
+                         f"gives), got {type(model).__name__}")
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids: expected an integer tensor [B, P] with P >= 1, got "
                          f"{list(getattr(input_ids, 'shape', []))}")
