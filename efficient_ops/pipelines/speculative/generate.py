@@ -130,8 +130,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Op
              generator: Optional[torch.Generator] = None,
              eos_token_id: Union[int, Sequence[int], None] = None, pad_token_id: Optional[int] = None,
              max_nodes: int = 16, acceptance: str = "exact", posterior_threshold: float = 0.09,
-             posterior_alpha: float = 0.3, max_cache_len: Optional[int] = None, streamer=None,
-             progress: bool = False) -> GenerateOutput:
+             posterior_alpha: float = 0.3, max_cache_len: Optional[int] = None, cuda_graphs: bool = False,
+             streamer=None, progress: bool = False) -> GenerateOutput:
     """Generate ``max_new_tokens`` per row with speculative decoding.
 
     Args:
@@ -148,6 +148,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Op
         acceptance: "exact" (lossless) or "typical" (Medusa's typical acceptance with ``posterior_threshold``
             and ``posterior_alpha``; lossy, faster when sampling).
         max_cache_len: cache capacity; default just what the call needs. A smaller one raises.
+        cuda_graphs: capture the target's forward over the tree once per tree size and replay it (CUDA, and
+            float16/bfloat16 for the tree_attention kernels). The verify ops find the tree depth on the host,
+            so verification and the one compact_kv launch run eagerly between replays.
         streamer: an HF streamer (``put`` / ``end``, e.g. ``TextStreamer``), batch 1 only.
         progress: a tqdm bar over the new tokens.
     """
@@ -176,7 +179,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Op
     if max_cache_len is not None and max_cache_len < need:
         raise ValueError(f"max_cache_len: {max_cache_len} cannot hold the longest prompt ({p}) + max_new_tokens "
                          f"({max_new_tokens}) + two trees of max_nodes ({max_nodes}) = {need}")
-    runner = TreeRunner(model, b, max_cache_len or need)
+    runner = TreeRunner(model, b, max_cache_len or need, cuda_graphs)
     rows = torch.arange(b, device=device)
     lengths = mask.sum(1)
     # one spare last column in history and new: clipped writes land there

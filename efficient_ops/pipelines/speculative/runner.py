@@ -54,7 +54,7 @@ class TreeRunner:
     full causal attention (no sliding window shorter than the cache, no logit soft-capping, no sinks).
     """
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, cuda_graphs: bool = False):
         config = getattr(model, "config", None)
         if config is None or not hasattr(model, "set_attn_implementation"):
             raise ValueError("model: expected a Hugging Face PreTrainedModel (a causal LM such as "
@@ -82,6 +82,10 @@ class TreeRunner:
         self._parents: Optional[torch.Tensor] = None  # None: prefill (causal), else the tree's parents
         self._slots: Optional[torch.Tensor] = None  # [B, T] cache slots written by this forward
         self._calls = 0
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: needs the model on a CUDA device, it is on {self.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graphs = {}  # tree size T -> (graph, tokens, parents, positions, logits) static buffers
 
     @staticmethod
     def _cache_dtype(model, param) -> torch.dtype:
@@ -146,15 +150,41 @@ class TreeRunner:
     @torch.no_grad()
     def forward_tree(self, tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
         """The target's logits ``[B, T, V]`` over the draft trees (node i's row predicts node i's child);
-        writes the tree's keys and values at ``prefix_len + node`` in every layer."""
-        b, t = tokens.shape
-        positions = efficient_ops.tree_positions(parents, self.prefix_lens)
+        writes the tree's keys and values at ``prefix_len + node`` in every layer. With ``cuda_graphs`` the
+        forward is captured once per tree size T and replayed."""
+        positions = efficient_ops.tree_positions(parents, self.prefix_lens)  # validates parents (synchronises)
+        if self.cuda_graphs:
+            return self._replay(tokens, parents.expand(tokens.shape[0], -1), positions)
+        return self._forward_tree(tokens, parents, positions)
+
+    def _forward_tree(self, tokens, parents, positions):
         self._parents = parents
-        self._slots = self.prefix_lens[:, None] + torch.arange(t, device=self.device)
+        # computed from prefix_lens on the device, so a captured graph reads each step's lengths
+        self._slots = self.prefix_lens[:, None] + torch.arange(tokens.shape[1], device=self.device)
         try:
             return self._run(tokens, positions)
         finally:
             self._parents = None
+
+    def _replay(self, tokens, parents, positions):
+        t = tokens.shape[1]
+        if t not in self._graphs:
+            static = (tokens.clone(), parents.clone(), positions.clone())
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):  # warm-up (the same inputs: it writes the same cache slots)
+                self._forward_tree(*static)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward_tree(*static)
+            self._graphs[t] = (graph, *static, logits)
+        graph, s_tokens, s_parents, s_positions, logits = self._graphs[t]
+        s_tokens.copy_(tokens)
+        s_parents.copy_(parents)
+        s_positions.copy_(positions)
+        graph.replay()
+        return logits.clone()
 
     def compact(self, accepted_nodes: torch.Tensor, accept_len: torch.Tensor, frozen: torch.Tensor) -> None:
         """Move the accepted paths next to the prefix in all layers at once (``compact_kv``); rows in
