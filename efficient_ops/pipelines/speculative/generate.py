@@ -22,7 +22,9 @@ class GenerateStats:
     """``mean_accepted_length`` (tau): tokens emitted per verification forward, bonus token included, over
     the rows still generating; ``target_forwards``: every target forward (the prefill and each verification
     step); ``acceptance_histogram[k]``: how many (row, step) pairs accepted k draft tokens;
-    ``new_tokens``: tokens emitted (before eos padding); ``seconds`` and ``tokens_per_second``: wall clock."""
+    ``new_tokens``: tokens emitted (before eos padding); ``seconds`` and ``tokens_per_second``: wall clock;
+    ``draft_seconds`` / ``verify_seconds``: host wall clock in ``propose`` / the verify step (target forward,
+    acceptance, compaction; on a GPU these include only what synchronised)."""
 
     mean_accepted_length: float = 0.0
     target_forwards: int = 0
@@ -31,6 +33,8 @@ class GenerateStats:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     max_nodes: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
 
     @property
     def forwards_per_token(self) -> float:
@@ -230,11 +234,15 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Op
             first = torch.multinomial(warp(last_logits, sampling), 1, generator=generator)[:, 0]
         emit(first[:, None], torch.ones_like(first))
         while not bool(done.all()):
+            t0 = time.perf_counter()
             tree = drafter.propose(history, hist_len, max_nodes, sampling, generator)
             _check_tree(tree, history[rows, hist_len - 1], max_nodes, vocab, sampling)
             active = ~done
+            t1 = time.perf_counter()
             step = verify_step(runner, tree, sampling, done, generator, acceptance, posterior_threshold,
                                posterior_alpha)
+            stats.draft_seconds += t1 - t0
+            stats.verify_seconds += time.perf_counter() - t1
             drafter.observe(tree, step.logits, step.accepted_nodes, step.accept_len, step.next_token)
             stats.target_forwards += 1
             path = tree.tokens.gather(1, step.accepted_nodes[:, 1:].clamp_min(0))  # [B, P - 1]
