@@ -9,6 +9,7 @@ import sys
 import torch
 
 from . import __version__, backends
+from .pipelines.speculative import cli as speculative_cli
 
 # Per op: what each backend covers, shown by ``info`` (an op without a backend's entry has no such backend).
 OPS = {
@@ -108,9 +109,12 @@ def main(argv=None) -> int:
     p.add_argument("--family", action="append", choices=FAMILIES, help="repeatable; default: all")
     p.add_argument("--out", default="bench/results", help="results folder (default: bench/results)")
     p.add_argument("--quick", action="store_true", help="one shape and three batch sizes per family")
+    speculative_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "info":
         info()
+    elif args.command == "generate":
+        args.func(args)
     else:
         bench(args)
     return 0

@@ -50,6 +50,37 @@ class Sampling:
         return self.temperature == 0.0
 
 
+def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """Probabilities from logits ``[..., V]`` after temperature, then top-k, then top-p (HF's order), in
+    float32. Greedy settings give the one-hot argmax."""
+    logits = logits.float()
+    if sampling.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / sampling.temperature
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        # keep the smallest set of most likely tokens whose mass reaches top_p (at least one), as HF does
+        sorted_logits, order = logits.sort(-1, descending=False)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cum <= 1 - sampling.top_p
+        drop_sorted[..., -1] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def check_sampling(sampling: Sampling) -> None:
+    """ValueError naming the parameter when a sampling setting is out of range."""
+    if not (sampling.temperature >= 0.0) or sampling.temperature == float("inf"):
+        raise ValueError(f"temperature: expected a finite value >= 0 (0 = greedy), got {sampling.temperature}")
+    if not isinstance(sampling.top_k, int) or sampling.top_k < 0:
+        raise ValueError(f"top_k: expected an integer >= 0 (0 = off), got {sampling.top_k!r}")
+    if not (0.0 < sampling.top_p <= 1.0):
+        raise ValueError(f"top_p: expected a value in (0, 1] (1 = off), got {sampling.top_p}")
+
+
 class Drafter(Protocol):
     """Proposes a draft tree per step; sees the target's verdict after each step.
 
