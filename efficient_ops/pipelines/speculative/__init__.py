@@ -6,7 +6,11 @@ verified in one target forward on the package's tree attention, verification and
     out.sequences, out.stats.mean_accepted_length, out.stats.target_forwards
 """
 
+from .drafters import DraftModelDrafter, PromptLookupDrafter, TokenRecyclingDrafter, self_drafter
 from .generate import GenerateOutput, GenerateStats, generate
-from .protocol import Drafter, DraftTree, Sampling
+from .protocol import Drafter, DraftTree, Sampling, warp
+from .trees import DynamicTree, StaticTree, chain, ranked_tree, static_tree
 
-__all__ = ["generate", "GenerateOutput", "GenerateStats", "DraftTree", "Drafter", "Sampling"]
+__all__ = ["generate", "GenerateOutput", "GenerateStats", "DraftTree", "Drafter", "Sampling", "warp",
+           "PromptLookupDrafter", "TokenRecyclingDrafter", "DraftModelDrafter", "self_drafter",
+           "StaticTree", "DynamicTree", "chain", "static_tree", "ranked_tree"]

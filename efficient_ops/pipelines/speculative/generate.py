@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from .drafters import PromptLookupDrafter
 from .protocol import Drafter, DraftTree, Sampling, check_sampling, warp
 from .runner import TreeRunner, attention_swapped
 from .verify import ACCEPTANCE, verify_step
@@ -163,7 +164,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: Op
     check_sampling(Sampling(float(temperature), top_k, float(top_p)))
     if do_sample and temperature == 0:
         raise ValueError("temperature: must be > 0 with do_sample=True (use do_sample=False for greedy)")
-    drafter = _default_drafter() if drafter is None else drafter
+    drafter = PromptLookupDrafter() if drafter is None else drafter
     if getattr(drafter, "vocab_size", None) is not None and drafter.vocab_size != vocab:
         raise ValueError(f"drafter: its vocabulary has {drafter.vocab_size} tokens but the target's has {vocab}; "
                          "the drafter must share the target's tokenizer and vocabulary")
