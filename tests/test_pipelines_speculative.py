@@ -20,7 +20,14 @@ from transformers import (
 
 import efficient_ops
 from efficient_ops.nn import quantize_model
-from efficient_ops.pipelines.speculative import DraftTree, generate
+from efficient_ops.pipelines.speculative import (
+    DraftModelDrafter,
+    DraftTree,
+    PromptLookupDrafter,
+    TokenRecyclingDrafter,
+    generate,
+    self_drafter,
+)
 from efficient_ops.pipelines.speculative.protocol import warp
 
 V = 61  # an odd vocabulary, not a multiple of anything
@@ -371,3 +378,36 @@ def test_cuda_graph_replay_equals_eager(dtype):
 def test_cuda_graphs_need_a_cuda_model():
     with pytest.raises(ValueError, match="cuda_graphs: needs the model on a CUDA device"):
         generate(tiny("llama"), torch.ones(1, 3, dtype=torch.long), drafter=RandomChain(), cuda_graphs=True)
+
+
+# ---------------------------------------------------------------------------------------------------- drafters
+
+def _drafters():
+    draft = tiny("llama", seed=21, layers=1)
+    return {
+        "prompt_lookup chain": lambda target: PromptLookupDrafter(num_matches=1),
+        "prompt_lookup trie": lambda target: PromptLookupDrafter(num_matches=4),
+        "token_recycling": lambda target: TokenRecyclingDrafter(),
+        "draft_model chain": lambda target: DraftModelDrafter(draft, tree="chain"),
+        "draft_model static": lambda target: DraftModelDrafter(draft, tree="static"),
+        "draft_model dynamic": lambda target: DraftModelDrafter(draft, tree="dynamic", stop_threshold=0.7),
+        "self 4-bit chain": lambda target: self_drafter(target, bits=4, group_size=32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_drafters()))
+def test_every_drafter_greedy_equals_hf(name):
+    """Each drafter and tree policy, batched and left-padded, on a target with repeated text in its prompts
+    (so n-gram drafts get accepted too): the output is HF's greedy output."""
+    target = tiny("qwen3", seed=20)
+    g = torch.Generator().manual_seed(22)
+    base = torch.randint(0, V, (2, 6), generator=g)
+    ids = torch.cat([base, base, base], 1)  # repeated segments
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids = ids * mask
+    ref = hf_greedy(target, ids, mask, 16)
+    out = generate(target, ids, attention_mask=mask, drafter=_drafters()[name](target), max_new_tokens=16,
+                   max_nodes=8)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.target_forwards <= 17
