@@ -411,3 +411,42 @@ def test_every_drafter_greedy_equals_hf(name):
                    max_nodes=8)
     assert torch.equal(out.sequences, ref)
     assert out.stats.target_forwards <= 17
+
+
+def test_typical_acceptance_that_passes_nothing_is_greedy():
+    """Medusa's typical acceptance with a cutoff above every probability accepts no draft: each step emits
+    the target's argmax, so the greedy output is HF's, one token per verification; sampling runs too."""
+    model = tiny("llama", seed=30)
+    ids, mask = left_padded([5, 8], seed=31)
+    ref = hf_greedy(model, ids, mask, 8)
+    out = generate(model, ids, attention_mask=mask, drafter=TreeDrafter(packed_truth(ref, mask)), max_new_tokens=8,
+                   acceptance="typical", posterior_threshold=2.0,
+                   posterior_alpha=1e9)
+    assert torch.equal(out.sequences, ref)
+    assert out.stats.acceptance_histogram == [2 * 7]
+    sampled = generate(model, ids, attention_mask=mask, drafter=TreeDrafter(packed_truth(ref, mask)),
+                       max_new_tokens=8, do_sample=True, acceptance="typical",
+                       generator=torch.Generator().manual_seed(0))
+    assert sampled.sequences.shape == ref.shape
+
+
+def test_streamer_receives_the_prompt_then_every_new_token():
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value)
+
+        def end(self):
+            self.ended = True
+
+    model = tiny("llama", seed=32)
+    ids = torch.randint(0, V, (1, 6), generator=torch.Generator().manual_seed(33))
+    ref = hf_greedy(model, ids, None, 12)
+    streamer = Collect()
+    out = generate(model, ids, drafter=TreeDrafter(ref), max_new_tokens=12, streamer=streamer)
+    assert torch.equal(streamer.chunks[0], ids[0]) and streamer.ended
+    assert torch.equal(torch.cat(streamer.chunks[1:]), out.sequences[0, 6:])
+    with pytest.raises(ValueError, match="streamer: streaming needs batch size 1"):
+        generate(model, ids.expand(2, -1), drafter=RandomChain(), streamer=Collect())
