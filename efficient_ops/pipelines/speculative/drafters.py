@@ -25,7 +25,7 @@ import torch
 from efficient_ops import tree_mask
 from efficient_ops.nn import quantize_model, rsparsify_model
 
-from .protocol import DraftTree, Sampling
+from .protocol import DraftTree, Sampling, warp
 from .trees import (
     DynamicTree,
     StaticTree,
@@ -44,21 +44,6 @@ DEFAULT_RANK_PROBS = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
 def _check_int(value, name: str, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
-def _warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p (HF's order), float32; the target's warping in the
-    verify step is the same (see protocol-change-request: to be shared through protocol.py)."""
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1)
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
-        drop_sorted[..., -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
 
 
 def _as_static_tree(tree, name: str = "tree") -> StaticTree:
@@ -377,7 +362,7 @@ class DraftModelDrafter:
 
     def _distribution(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         """What children are chosen from: the warped q when sampling, the draft's softmax when greedy."""
-        return logits.float().softmax(-1) if sampling.greedy else _warp(logits, sampling)
+        return logits.float().softmax(-1) if sampling.greedy else warp(logits, sampling)
 
     @torch.no_grad()
     def propose(self, history: torch.Tensor, lengths: torch.Tensor, max_nodes: int, sampling: Sampling,
