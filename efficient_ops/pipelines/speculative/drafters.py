@@ -310,6 +310,9 @@ class DraftModelDrafter:
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.nn.Module) -> None:
         """A fresh draft cache for a new batch."""
+        if self.model is target or getattr(self.model, "config", None) is getattr(target, "config", False):
+            raise ValueError("draft_model: must be a module distinct from the target, with its own config "
+                             "(generate swaps the target's attention); use copy.deepcopy(target) or self_drafter")
         device = next(self.model.parameters()).device
         if device != input_ids.device:
             raise ValueError(f"draft_model: on {device}, but input_ids are on {input_ids.device}")
