@@ -164,13 +164,25 @@ class PromptLookupDrafter:
         return _pad_trees(tokens, parents, (n_nodes + 1).clamp_max(t), root)
 
 
+def _last_occurrence(keys: torch.Tensor) -> torch.Tensor:
+    """Indices of the last occurrence of every distinct value of the 1-D ``keys`` (so that scattered writes
+    have unique targets and a deterministic winner)."""
+    order = torch.sort(keys, stable=True).indices
+    ordered = keys[order]
+    last = torch.ones_like(ordered, dtype=torch.bool)
+    last[:-1] = ordered[1:] != ordered[:-1]
+    return order[last]
+
+
 class TokenRecyclingDrafter:
     """Token Recycling: an adjacency table ``[V, k]`` (int32) holding, for every token, the target's top-k
     next tokens the last time the target ran over that token; every verification forward refreshes the rows
     of every tree token (:meth:`observe`: the candidate tokens the target "discarded" are recycled).
 
     Drafting walks a static tree from the root: node i is ``table[token of its parent, ranks[i]]``. The
-    table persists across :meth:`reset` calls (the paper's hot start); :meth:`clear` empties it.
+    table persists across :meth:`reset` calls (the paper's hot start); :meth:`clear` empties it. Beyond the
+    paper, with ``seed_from_prompt`` a token the target has never run over gets, as its first candidate, the
+    token that follows it in the prompt (its last occurrence), so that a cold table drafts from the prompt.
 
     Args:
         vocab_size: the target's vocabulary; None takes it from the target at the first :meth:`reset`.
@@ -178,9 +190,10 @@ class TokenRecyclingDrafter:
         tree: a :class:`~.trees.StaticTree` or a choices list with ranks < k; default the best 80-node
             tree for :data:`DEFAULT_RANK_PROBS` (see :func:`~.trees.ranked_tree`), truncated to each step's
             node budget.
+        seed_from_prompt: seed the unobserved rows' first candidate from the prompt's bigrams at :meth:`reset`.
     """
 
-    def __init__(self, vocab_size: Optional[int] = None, k: int = 8, tree=None):
+    def __init__(self, vocab_size: Optional[int] = None, k: int = 8, tree=None, seed_from_prompt: bool = True):
         _check_int(k, "k", 1)
         if vocab_size is not None:
             _check_int(vocab_size, "vocab_size", 1)
@@ -188,29 +201,44 @@ class TokenRecyclingDrafter:
         self.tree = ranked_tree(DEFAULT_RANK_PROBS[:k], 80) if tree is None else _as_static_tree(tree)
         if self.tree.max_rank >= k:
             raise ValueError(f"tree: uses child rank {self.tree.max_rank}, but the table keeps k={k} candidates")
+        self.vocab_size, self.seed_from_prompt = vocab_size, bool(seed_from_prompt)
+        self.table = self.observed = None
+        if vocab_size is not None:
+            self._allocate(vocab_size)
+
+    def _allocate(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self.table = None if vocab_size is None else torch.zeros(vocab_size, k, dtype=torch.int32)
+        self.table = torch.zeros(vocab_size, self.k, dtype=torch.int32)
+        self.observed = torch.zeros(vocab_size, dtype=torch.bool)  # rows the target has refreshed
 
     def __repr__(self) -> str:
         return f"TokenRecyclingDrafter(vocab_size={self.vocab_size}, k={self.k}, nodes={self.tree.num_nodes})"
 
     @property
     def table_bytes(self) -> int:
-        """Memory held by the adjacency table."""
-        return 0 if self.table is None else self.table.numel() * self.table.element_size()
+        """Memory held by the adjacency table and its observed flags."""
+        return 0 if self.table is None else self.table.numel() * self.table.element_size() + self.observed.numel()
 
     def clear(self) -> None:
         """Forget every observation (the table back to token 0 everywhere)."""
         if self.table is not None:
             self.table.zero_()
+            self.observed.zero_()
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.nn.Module) -> None:
-        """Allocate the table on the target's device (keeping what it learnt in earlier calls)."""
+        """Allocate the table on the target's device (keeping what it learnt in earlier calls) and, with
+        ``seed_from_prompt``, seed unobserved rows from the prompts."""
         if self.table is None:
             head = target.get_output_embeddings()
-            self.vocab_size = head.weight.shape[0] if head is not None else target.config.get_text_config().vocab_size
-            self.table = torch.zeros(self.vocab_size, self.k, dtype=torch.int32)
-        self.table = self.table.to(input_ids.device)
+            self._allocate(head.weight.shape[0] if head is not None else target.config.get_text_config().vocab_size)
+        self.table, self.observed = self.table.to(input_ids.device), self.observed.to(input_ids.device)
+        if self.seed_from_prompt and input_ids.shape[1] > 1:
+            both = (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)
+            first, then = input_ids[:, :-1][both].long(), input_ids[:, 1:][both]
+            fresh = ~self.observed[first]
+            first, then = first[fresh], then[fresh]
+            keep = _last_occurrence(first)
+            self.table[first[keep], 0] = then[keep].to(torch.int32)
 
     @torch.no_grad()
     def observe(self, tree: DraftTree, target_logits: torch.Tensor, accepted_nodes, accept_len, next_token) -> None:
@@ -218,12 +246,9 @@ class TokenRecyclingDrafter:
         nodes keeps the last one's (batch row-major, then node order)."""
         tokens = tree.tokens.reshape(-1)
         top = target_logits.topk(self.k, dim=-1).indices.reshape(-1, self.k).to(torch.int32)
-        order = torch.sort(tokens, stable=True).indices
-        ordered = tokens[order]
-        last = torch.ones_like(ordered, dtype=torch.bool)
-        last[:-1] = ordered[1:] != ordered[:-1]
-        keep = order[last]
+        keep = _last_occurrence(tokens)
         self.table.index_copy_(0, tokens[keep], top[keep])
+        self.observed[tokens] = True
 
     @torch.no_grad()
     def propose(self, history: torch.Tensor, lengths: torch.Tensor, max_nodes: int, sampling: Sampling,
