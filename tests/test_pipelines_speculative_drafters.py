@@ -1,6 +1,7 @@
 """Drafters and tree policies of the speculative pipeline, against brute-force Python walks and the draft
 model's own forward passes (CPU, tiny random Llama configs)."""
 
+import copy
 import itertools
 import math
 
@@ -271,7 +272,7 @@ def test_token_recycling_table_update_and_tree_walk():
     vocab, k = 23, 3
     g = torch.Generator().manual_seed(3)
     tree = static_tree([[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 1], [2, 2]])
-    drafter = TokenRecyclingDrafter(vocab, k=k, tree=tree)
+    drafter = TokenRecyclingDrafter(vocab, k=k, tree=tree, seed_from_prompt=False)
     drafter.reset(torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long), None)
     table = {}  # brute force: token -> its candidates, last observation wins
     for step in range(5):
@@ -298,10 +299,30 @@ def test_token_recycling_table_update_and_tree_walk():
                 assert proposal.tokens[b].tolist() == expect
 
 
+def test_token_recycling_seeds_unobserved_rows_from_the_prompt():
+    vocab, k = 30, 4
+    g = torch.Generator().manual_seed(8)
+    drafter = TokenRecyclingDrafter(vocab, k=k)
+    tokens = torch.randint(0, vocab, (1, 6), generator=g)
+    logits = torch.randn(1, 6, vocab, generator=g)
+    drafter.observe(DraftTree(tokens, chain(6).parents), logits, None, None, None)
+    before = drafter.table.clone()
+    rows = [torch.randint(0, 12, (n,), generator=g).tolist() for n in (9, 4, 1)]
+    ids, mask = left_pad(rows)
+    drafter.reset(ids, mask, None)
+    expect = before.clone()
+    for seq in rows:  # brute force: row-major, later bigrams win; observed rows keep the target's candidates
+        for a, nxt in zip(seq, seq[1:]):
+            if a not in tokens[0].tolist():
+                expect[a, 0] = nxt
+    assert torch.equal(drafter.table, expect)
+    assert (drafter.table[:, 1:] == before[:, 1:]).all()
+
+
 def test_token_recycling_table_under_2mb_at_32k_vocab():
     drafter = TokenRecyclingDrafter(32000)
     assert drafter.table.dtype == torch.int32
-    assert drafter.table_bytes == drafter.table.numel() * 4 < 2 * 1024 * 1024
+    assert drafter.table_bytes == drafter.table.numel() * 4 + 32000 < 2 * 1024 * 1024  # int32 table + flags
     with pytest.raises(ValueError, match="tree"):
         TokenRecyclingDrafter(100, k=2, tree=[[0], [3]])
     with pytest.raises(ValueError, match="k"):
@@ -330,7 +351,7 @@ def test_draft_model_chain_is_its_greedy_continuation_batched_over_steps():
     rows = [torch.randint(1, 48, (n,), generator=g).tolist() for n in (5, 9, 2)]
     drafter = DraftModelDrafter(model)
     ids, mask = left_pad(rows)
-    drafter.reset(ids, mask, model)
+    drafter.reset(ids, mask, None)
     for step in range(3):  # ragged growth between steps: the draft cache gets masked holes
         hist, lengths = history_of(rows)
         tree = drafter.propose(hist, lengths, 6, GREEDY)
@@ -351,7 +372,7 @@ def test_draft_model_static_tree_ranks_follow_its_own_distribution():
     tree_shape = static_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [1, 0, 2]])
     drafter = DraftModelDrafter(model, tree=tree_shape)
     ids, mask = left_pad(rows)
-    drafter.reset(ids, mask, model)
+    drafter.reset(ids, mask, None)
     hist, lengths = history_of(rows)
     tree = drafter.propose(hist, lengths, 16, GREEDY)
     assert tree.parents.tolist() == tree_shape.parents.tolist()
@@ -369,7 +390,7 @@ def test_draft_model_dynamic_tree_matches_eagle2_on_full_forwards():
     rows = [[4, 8, 15, 16], [23, 42, 1, 2, 3, 4]]
     drafter = DraftModelDrafter(model, tree=DynamicTree(topk=3, depth=4))
     ids, mask = left_pad(rows)
-    drafter.reset(ids, mask, model)
+    drafter.reset(ids, mask, None)
     hist, lengths = history_of(rows)
     tree = drafter.propose(hist, lengths, 12, GREEDY)
     efficient_ops.validate_parents(tree.parents)
@@ -390,7 +411,7 @@ def test_draft_model_iid_sampling_carries_warped_q():
     sampling = Sampling(temperature=0.7, top_k=10, top_p=0.9)
     drafter = DraftModelDrafter(model, tree=[[0], [1], [0, 0], [0, 1]])
     ids, mask = left_pad(rows)
-    drafter.reset(ids, mask, model)
+    drafter.reset(ids, mask, None)
     hist, lengths = history_of(rows)
     tree = drafter.propose(hist, lengths, 8, sampling, torch.Generator().manual_seed(0))
     assert tree.mode == "iid" and tree.draft_probs.shape == (2, 5, 48)
@@ -412,7 +433,7 @@ def test_draft_model_adaptive_stop_shortens_the_chain():
     model = tiny_llama(seed=6)
     drafter = DraftModelDrafter(model, stop_threshold=0.5)  # a random tiny model is never confident
     ids, mask = left_pad([[1, 2, 3]])
-    drafter.reset(ids, mask, model)
+    drafter.reset(ids, mask, None)
     hist, lengths = history_of([[1, 2, 3]])
     assert drafter.propose(hist, lengths, 8, GREEDY).num_nodes == 2
 
@@ -448,3 +469,41 @@ def test_self_drafter_quantizes_a_copy():
     assert tree.tokens[0].tolist() == [4] + greedy_continuation(drafter.model, [1, 2, 3, 4], 4)
     with pytest.raises(ValueError, match="calib_batches"):
         self_drafter(target, sparsity=0.5)
+
+
+# ------------------------------------------------------------------------------------------------ through generate
+
+def all_drafters(target, draft):
+    return {"prompt_lookup": PromptLookupDrafter(), "token_recycling": TokenRecyclingDrafter(),
+            "draft_chain_adaptive": DraftModelDrafter(draft, stop_threshold=0.7),
+            "draft_static": DraftModelDrafter(draft, tree="static"),
+            "draft_dynamic": DraftModelDrafter(draft, tree=DynamicTree(topk=3, depth=4)),
+            "self_4bit": self_drafter(target, bits=4, group_size=32)}
+
+
+def test_generate_with_every_drafter_equals_hf_greedy_batched():
+    from efficient_ops.pipelines.speculative import generate
+
+    target, draft = tiny_llama(seed=0, hidden=64), tiny_llama(seed=1, layers=1)
+    rows = [[5, 9, 5, 9, 5, 9, 2, 3], [7, 1, 7, 1, 7], [3, 4, 8, 11, 3, 4, 8, 30, 12, 3, 4]]
+    ids, mask = left_pad(rows)
+    alone = [greedy_continuation(target, seq, 12) for seq in rows]
+    for name, drafter in all_drafters(target, draft).items():
+        out = generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=12, max_nodes=8,
+                       pad_token_id=0, eos_token_id=[])
+        assert out.sequences[:, ids.shape[1]:].tolist() == alone, name
+        assert out.stats.target_forwards <= 13, name
+
+
+def test_generate_sampling_with_draft_models_runs():
+    from efficient_ops.pipelines.speculative import generate
+
+    target, draft = tiny_llama(seed=0), tiny_llama(seed=1, layers=1)
+    ids, mask = left_pad([[1, 2, 3], [4, 5, 6, 7, 8]])
+    for drafter in (DraftModelDrafter(draft, tree="static"), DraftModelDrafter(draft, tree="dynamic"),
+                    DraftModelDrafter(copy.deepcopy(target))):
+        out = generate(target, ids, attention_mask=mask, drafter=drafter, max_new_tokens=10, max_nodes=6,
+                       do_sample=True, temperature=0.8, top_k=20, top_p=0.9,
+                       generator=torch.Generator().manual_seed(0), pad_token_id=0, eos_token_id=[])
+        assert out.sequences.shape == (2, ids.shape[1] + 10)
+        assert ((out.sequences >= 0) & (out.sequences < 48)).all()

@@ -25,7 +25,7 @@ import torch
 from efficient_ops import tree_mask
 from efficient_ops.nn import quantize_model, rsparsify_model
 
-from .protocol import DraftTree, Sampling
+from .protocol import DraftTree, Sampling, warp
 from .trees import (
     DynamicTree,
     StaticTree,
@@ -44,21 +44,6 @@ DEFAULT_RANK_PROBS = (0.55, 0.15, 0.07, 0.04, 0.03, 0.02, 0.015, 0.01)
 def _check_int(value, name: str, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-
-
-def _warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p (HF's order), float32; the target's warping in the
-    verify step is the same (see protocol-change-request: to be shared through protocol.py)."""
-    logits = logits.float() / sampling.temperature
-    if sampling.top_k:
-        kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1)
-        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
-        drop_sorted[..., -1] = False
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    return logits.softmax(-1)
 
 
 def _as_static_tree(tree, name: str = "tree") -> StaticTree:
@@ -179,13 +164,25 @@ class PromptLookupDrafter:
         return _pad_trees(tokens, parents, (n_nodes + 1).clamp_max(t), root)
 
 
+def _last_occurrence(keys: torch.Tensor) -> torch.Tensor:
+    """Indices of the last occurrence of every distinct value of the 1-D ``keys`` (so that scattered writes
+    have unique targets and a deterministic winner)."""
+    order = torch.sort(keys, stable=True).indices
+    ordered = keys[order]
+    last = torch.ones_like(ordered, dtype=torch.bool)
+    last[:-1] = ordered[1:] != ordered[:-1]
+    return order[last]
+
+
 class TokenRecyclingDrafter:
     """Token Recycling: an adjacency table ``[V, k]`` (int32) holding, for every token, the target's top-k
     next tokens the last time the target ran over that token; every verification forward refreshes the rows
     of every tree token (:meth:`observe`: the candidate tokens the target "discarded" are recycled).
 
     Drafting walks a static tree from the root: node i is ``table[token of its parent, ranks[i]]``. The
-    table persists across :meth:`reset` calls (the paper's hot start); :meth:`clear` empties it.
+    table persists across :meth:`reset` calls (the paper's hot start); :meth:`clear` empties it. Beyond the
+    paper, with ``seed_from_prompt`` a token the target has never run over gets, as its first candidate, the
+    token that follows it in the prompt (its last occurrence), so that a cold table drafts from the prompt.
 
     Args:
         vocab_size: the target's vocabulary; None takes it from the target at the first :meth:`reset`.
@@ -193,9 +190,10 @@ class TokenRecyclingDrafter:
         tree: a :class:`~.trees.StaticTree` or a choices list with ranks < k; default the best 80-node
             tree for :data:`DEFAULT_RANK_PROBS` (see :func:`~.trees.ranked_tree`), truncated to each step's
             node budget.
+        seed_from_prompt: seed the unobserved rows' first candidate from the prompt's bigrams at :meth:`reset`.
     """
 
-    def __init__(self, vocab_size: Optional[int] = None, k: int = 8, tree=None):
+    def __init__(self, vocab_size: Optional[int] = None, k: int = 8, tree=None, seed_from_prompt: bool = True):
         _check_int(k, "k", 1)
         if vocab_size is not None:
             _check_int(vocab_size, "vocab_size", 1)
@@ -203,29 +201,44 @@ class TokenRecyclingDrafter:
         self.tree = ranked_tree(DEFAULT_RANK_PROBS[:k], 80) if tree is None else _as_static_tree(tree)
         if self.tree.max_rank >= k:
             raise ValueError(f"tree: uses child rank {self.tree.max_rank}, but the table keeps k={k} candidates")
+        self.vocab_size, self.seed_from_prompt = vocab_size, bool(seed_from_prompt)
+        self.table = self.observed = None
+        if vocab_size is not None:
+            self._allocate(vocab_size)
+
+    def _allocate(self, vocab_size: int) -> None:
         self.vocab_size = vocab_size
-        self.table = None if vocab_size is None else torch.zeros(vocab_size, k, dtype=torch.int32)
+        self.table = torch.zeros(vocab_size, self.k, dtype=torch.int32)
+        self.observed = torch.zeros(vocab_size, dtype=torch.bool)  # rows the target has refreshed
 
     def __repr__(self) -> str:
         return f"TokenRecyclingDrafter(vocab_size={self.vocab_size}, k={self.k}, nodes={self.tree.num_nodes})"
 
     @property
     def table_bytes(self) -> int:
-        """Memory held by the adjacency table."""
-        return 0 if self.table is None else self.table.numel() * self.table.element_size()
+        """Memory held by the adjacency table and its observed flags."""
+        return 0 if self.table is None else self.table.numel() * self.table.element_size() + self.observed.numel()
 
     def clear(self) -> None:
         """Forget every observation (the table back to token 0 everywhere)."""
         if self.table is not None:
             self.table.zero_()
+            self.observed.zero_()
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.nn.Module) -> None:
-        """Allocate the table on the target's device (keeping what it learnt in earlier calls)."""
+        """Allocate the table on the target's device (keeping what it learnt in earlier calls) and, with
+        ``seed_from_prompt``, seed unobserved rows from the prompts."""
         if self.table is None:
             head = target.get_output_embeddings()
-            self.vocab_size = head.weight.shape[0] if head is not None else target.config.get_text_config().vocab_size
-            self.table = torch.zeros(self.vocab_size, self.k, dtype=torch.int32)
-        self.table = self.table.to(input_ids.device)
+            self._allocate(head.weight.shape[0] if head is not None else target.config.get_text_config().vocab_size)
+        self.table, self.observed = self.table.to(input_ids.device), self.observed.to(input_ids.device)
+        if self.seed_from_prompt and input_ids.shape[1] > 1:
+            both = (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)
+            first, then = input_ids[:, :-1][both].long(), input_ids[:, 1:][both]
+            fresh = ~self.observed[first]
+            first, then = first[fresh], then[fresh]
+            keep = _last_occurrence(first)
+            self.table[first[keep], 0] = then[keep].to(torch.int32)
 
     @torch.no_grad()
     def observe(self, tree: DraftTree, target_logits: torch.Tensor, accepted_nodes, accept_len, next_token) -> None:
@@ -233,12 +246,9 @@ class TokenRecyclingDrafter:
         nodes keeps the last one's (batch row-major, then node order)."""
         tokens = tree.tokens.reshape(-1)
         top = target_logits.topk(self.k, dim=-1).indices.reshape(-1, self.k).to(torch.int32)
-        order = torch.sort(tokens, stable=True).indices
-        ordered = tokens[order]
-        last = torch.ones_like(ordered, dtype=torch.bool)
-        last[:-1] = ordered[1:] != ordered[:-1]
-        keep = order[last]
+        keep = _last_occurrence(tokens)
         self.table.index_copy_(0, tokens[keep], top[keep])
+        self.observed[tokens] = True
 
     @torch.no_grad()
     def propose(self, history: torch.Tensor, lengths: torch.Tensor, max_nodes: int, sampling: Sampling,
@@ -325,6 +335,9 @@ class DraftModelDrafter:
 
     def reset(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, target: torch.nn.Module) -> None:
         """A fresh draft cache for a new batch."""
+        if self.model is target or getattr(self.model, "config", None) is getattr(target, "config", False):
+            raise ValueError("draft_model: must be a module distinct from the target, with its own config "
+                             "(generate swaps the target's attention); use copy.deepcopy(target) or self_drafter")
         device = next(self.model.parameters()).device
         if device != input_ids.device:
             raise ValueError(f"draft_model: on {device}, but input_ids are on {input_ids.device}")
@@ -377,7 +390,7 @@ class DraftModelDrafter:
 
     def _distribution(self, logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
         """What children are chosen from: the warped q when sampling, the draft's softmax when greedy."""
-        return logits.float().softmax(-1) if sampling.greedy else _warp(logits, sampling)
+        return logits.float().softmax(-1) if sampling.greedy else warp(logits, sampling)
 
     @torch.no_grad()
     def propose(self, history: torch.Tensor, lengths: torch.Tensor, max_nodes: int, sampling: Sampling,
