@@ -65,8 +65,8 @@ def prompt_ids(kind: str, passage: str, tokenizer) -> torch.Tensor:
     return tokenizer(text, return_tensors="pt").input_ids
 
 
-def methods(model, tokenizer, quick: bool) -> Dict[str, dict]:
-    """name -> how to build the drafter and the generate settings; each entry is (drafter factory, kwargs)."""
+def methods(model, tokenizer, quick: bool) -> Dict[str, tuple]:
+    """Our methods: name -> (drafter factory, generate keyword arguments)."""
     from efficient_ops.pipelines.speculative import drafters
 
     table = {
@@ -74,20 +74,12 @@ def methods(model, tokenizer, quick: bool) -> Dict[str, dict]:
         "ours prompt_lookup trie (16)": (lambda: drafters.PromptLookupDrafter(num_matches=4), dict(max_nodes=16)),
         "ours token_recycling static (16)": (lambda: drafters.TokenRecyclingDrafter(), dict(max_nodes=16)),
     }
-    if not quick:
-        table["ours prompt_lookup chain (4)"] = (lambda: drafters.PromptLookupDrafter(num_matches=1),
-                                                 dict(max_nodes=4))
-    self_draft = {}
-
-    def self_drafter(tree):
-        def make():
-            if tree not in self_draft:  # quantize once per tree policy, reused over prompts (reset per call)
-                self_draft[tree] = drafters.self_drafter(model, bits=4, group_size=64, tree=tree)
-            return self_draft[tree]
-        return make
-
-    table["ours self 4-bit chain (6)"] = (self_drafter("chain"), dict(max_nodes=6))
-    table["ours self 4-bit dynamic (16)"] = (self_drafter("dynamic"), dict(max_nodes=16))
+    table["ours prompt_lookup chain (4)"] = (lambda: drafters.PromptLookupDrafter(num_matches=1), dict(max_nodes=4))
+    # the target's 4-bit copy (one quantize_model per policy; each drafter is reused over the prompts)
+    table["ours self 4-bit chain (6)"] = (lambda: drafters.self_drafter(model, bits=4, group_size=64, tree="chain"),
+                                          dict(max_nodes=6))
+    table["ours self 4-bit dynamic (16)"] = (
+        lambda: drafters.self_drafter(model, bits=4, group_size=64, tree="dynamic"), dict(max_nodes=16))
     return table
 
 
@@ -135,28 +127,25 @@ def _run(device, out_dir, quick):
     eos = tokenizer.eos_token_id
     hf = dict(do_sample=False, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=eos, top_k=None,
               top_p=None, temperature=None)
+    runners = {"HF greedy": None}  # name -> generate settings; every prompt runs every method in turn, so
+    for n in (HF_PLD_TOKENS[:1] if quick else HF_PLD_TOKENS):  # load drift on a shared machine hits all alike
+        runners[f"HF prompt lookup (n={n})"] = {"prompt_lookup_num_tokens": n}
+    drafters = {name: (make(), kwargs) for name, (make, kwargs) in methods(model, tokenizer, quick).items()}
     records = []  # one per (method, prompt)
-    greedy = []
-    for kind, ids in tqdm(prompts, desc="HF greedy", unit="prompt"):
+    for kind, ids in tqdm(prompts, desc="prompts (every method)", unit="prompt"):
         model.generate(ids, **(hf | {"max_new_tokens": 2}))  # warm-up
-        start = time.perf_counter()
-        out = model.generate(ids, **hf)
-        secs = time.perf_counter() - start
-        new = out[0, ids.shape[1]:]
-        greedy.append(new)
-        records.append(dict(method="HF greedy", kind=kind, seconds=secs, tokens=len(new), forwards=len(new),
-                            tau=1.0, identical=True))
-    for n in (HF_PLD_TOKENS[:1] if quick else HF_PLD_TOKENS):
-        for (kind, ids), ref in zip(tqdm(prompts, desc=f"HF prompt lookup {n}", unit="prompt"), greedy):
+        ref = None
+        for name, extra in runners.items():
             start = time.perf_counter()
-            out = model.generate(ids, prompt_lookup_num_tokens=n, **hf)
+            out = model.generate(ids, **hf, **(extra or {}))
             secs = time.perf_counter() - start
             new = out[0, ids.shape[1]:]
-            records.append(dict(method=f"HF prompt lookup (n={n})", kind=kind, seconds=secs, tokens=len(new),
-                                identical=bool(torch.equal(new, ref))))
-    for name, (make, kwargs) in methods(model, tokenizer, quick).items():
-        drafter = make()
-        for (kind, ids), ref in zip(tqdm(prompts, desc=name, unit="prompt"), greedy):
+            ref = new if ref is None else ref
+            record = dict(method=name, kind=kind, seconds=secs, tokens=len(new), identical=bool(torch.equal(new, ref)))
+            if extra is None:
+                record.update(forwards=len(new), tau=1.0)
+            records.append(record)
+        for name, (drafter, kwargs) in drafters.items():
             out = generate(model, ids, drafter=drafter, max_new_tokens=new_tokens, eos_token_id=eos,
                            pad_token_id=eos, **kwargs)
             s = out.stats
