@@ -52,14 +52,6 @@ class GenerateOutput:
     stats: GenerateStats
 
 
-def _default_drafter() -> Drafter:
-    from . import (
-        drafters,  # written alongside; imported lazily so the loop does not depend on it
-    )
-
-    return drafters.PromptLookupDrafter()
-
-
 def _as_ids(value, name) -> Optional[List[int]]:
     if value is None:
         return None
