@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from . import __version__, backends
+from .pipelines.speculative import cli as speculative_cli
 from .pipelines.tempo import cli as tempo_cli
 
 # Per op: what each backend covers, shown by ``info`` (an op without a backend's entry has no such backend).
@@ -44,6 +45,8 @@ OPS = {
                         "reference": "batched PyTorch, any device"},
 }
 FAMILIES = ("lowbit", "rsparse", "speculative", "sparse_attention", "tempo")  # one bench/<family>.py each
+# families whose benchmark has more than its bench/<family>.py: the speculative pipeline's generate benchmark
+BENCH_MODULES = {"speculative": ("speculative", "speculative_generate")}
 RESULTS_ENV = "EFFICIENT_OPS_RESULTS"
 SKIP_NOTE = "_C_not_built.txt"  # written by setup.py when the install skipped the extension
 
@@ -139,8 +142,9 @@ def bench(args) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # each family says what a CPU run means
     print(f"results folder: {out}")
     for family in args.family or FAMILIES:
-        module = importlib.import_module(f"efficient_ops.bench.{family}")
-        module.run(device, out_dir=str(out), quick=args.quick)
+        for name in BENCH_MODULES.get(family, (family,)):
+            module = importlib.import_module(f"efficient_ops.bench.{name}")
+            module.run(device, out_dir=str(out), quick=args.quick)
 
 
 def main(argv=None) -> int:
@@ -155,6 +159,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="one shape and three batch sizes per family; written to <family>-quick.{json,md}")
     p.set_defaults(func=bench)
+    speculative_cli.add_parser(sub)
     tempo_cli.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args) or 0
