@@ -29,13 +29,14 @@ def assert_close(out, ref, dtype, factor=1.0, what=""):
     assert err <= TOL[dtype] * factor, f"{what}: relative error {err:.3g} > {TOL[dtype] * factor:.3g}"
 
 
-def kernel_backends(device=torch.device("cpu")):
+def kernel_backends(device=None):
     """The kernel backends that run here: triton under the interpreter on the CPU; cuda and triton on a GPU."""
+    device = device or torch.device("cpu")
     names = ("cuda", "triton") if device.type == "cuda" else ("triton",)
     return [b for b in names if eo.backends.device_status(b, device) is None]
 
 
-def all_backends(device=torch.device("cpu")):
+def all_backends(device=None):
     return ["reference", *kernel_backends(device)]
 
 

@@ -18,7 +18,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 if __name__ == "__main__" and not os.environ.get("TRITON_INTERPRET"):
     os.environ["TRITON_INTERPRET"] = "1"  # the triton cases run under the interpreter on the CPU
@@ -42,12 +42,12 @@ class Case:
     family: str
     name: str
     call: Callable[[], object]
-    arg: Optional[str] = None
-    check: Optional[Callable[[object], object]] = None
-    errors: Tuple[type, ...] = ERRORS
+    arg: str | None = None
+    check: Callable[[object], object] | None = None
+    errors: tuple[type, ...] = ERRORS
 
 
-def classify(case: Case) -> Tuple[str, str]:
+def classify(case: Case) -> tuple[str, str]:
     """``(outcome, detail)``: outcome one of clear, unclear, silent, right (see the module docstring)."""
     try:
         result = case.call()

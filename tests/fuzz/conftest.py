@@ -6,10 +6,10 @@ import os
 from hypothesis import HealthCheck, Phase, settings
 
 # No deadline: the Triton interpreter's first call of a kernel compiles it, which takes seconds on a busy machine.
-_COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-               print_blob=True)
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+           "print_blob": True}
 # ci: no shrinking either, so a failure is reported in seconds (rerun with "thorough" for a minimal example)
-settings.register_profile("ci", max_examples=6, derandomize=True, database=None,
+settings.register_profile("ci", max_examples=10, derandomize=True, database=None,
                           phases=[Phase.explicit, Phase.generate], **_COMMON)
 settings.register_profile("thorough", max_examples=300, **_COMMON)
 PROFILE = os.environ.get("EFFICIENT_OPS_FUZZ", "ci")

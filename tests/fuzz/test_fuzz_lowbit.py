@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 import efficient_ops as eo
 
-from ._helpers import all_backends, assert_close, expect_clear_error, generator, randn, seeds
+from ._helpers import (
+    all_backends,
+    assert_close,
+    expect_clear_error,
+    generator,
+    randn,
+    seeds,
+)
 
 BITS = st.sampled_from(sorted(eo.FORMATS))
 GROUPS = st.sampled_from([32, 64, 128, -1])

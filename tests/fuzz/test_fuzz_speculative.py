@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 import efficient_ops as eo
 
-from ._helpers import all_backends, assert_close, expect_clear_error, generator, randn, seeds
+from ._helpers import (
+    all_backends,
+    assert_close,
+    expect_clear_error,
+    generator,
+    randn,
+    seeds,
+)
 
 
 @st.composite
@@ -147,7 +154,7 @@ def test_verify_sampling_backends_agree(mode, parents, b, vocab, same, seed, dat
                for bk in all_backends()]
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
-    accept_len, accepted, nxt = results[0]
+    nxt = results[0][2]
     assert ((nxt >= 0) & (nxt < vocab)).all()
 
 
@@ -230,6 +237,6 @@ def test_verify_bad_inputs_rejected(kind, parents, seed):
         expect_clear_error(lambda: eo.verify_typical(tokens, parents, p, -0.1), arg)
         return
     for backend in all_backends():
-        expect_clear_error(lambda: eo.verify_sampling(tokens, parents, p, q, generator=g, backend=backend), arg)
+        expect_clear_error(lambda bk=backend: eo.verify_sampling(tokens, parents, p, q, generator=g, backend=bk), arg)
     if kind not in ("draft_scaled", "probs_scaled", "probs_negative"):
         expect_clear_error(lambda: eo.verify_greedy(tokens, parents, p), arg.replace("target_probs", "target_logits"))
