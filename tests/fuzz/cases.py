@@ -30,6 +30,8 @@ from torch import nn
 import efficient_ops as eo
 from efficient_ops.backends import BackendUnavailableError
 
+calibrate = getattr(eo, "calibrate", None) or eo.rsparse.calibrate  # R-Sparse calibration's public name
+
 NAN, INF = float("nan"), float("inf")
 ERRORS = (TypeError, ValueError)
 
@@ -241,7 +243,7 @@ LIN = nn.Linear(48, 40)
 with torch.no_grad():
     LIN.weight.copy_(randn(40, 48, seed=7))
 XC = randn(64, 48, seed=8)
-RW = eo.rsparse.calibrate(LIN, XC, 0.5)
+RW = calibrate(LIN, XC, 0.5)
 XR = randn(3, 48, seed=9)
 
 
@@ -254,21 +256,21 @@ def _rs_formula(rw, x, bias=None):
 
 
 RS = "rsparse"
-case(RS, "x_calib with one NaN", lambda: eo.rsparse.calibrate(LIN, XC.masked_fill(XC.abs() > 2.5, NAN)), "x_calib")
-case(RS, "x_calib with inf", lambda: eo.rsparse.calibrate(LIN, XC.masked_fill(XC > 2.5, INF)), "x_calib")
-case(RS, "linear weight NaN", lambda: eo.rsparse.calibrate(torch.full((4, 8), NAN), torch.ones(3, 8)), "linear")
-case(RS, "x_calib int", lambda: eo.rsparse.calibrate(LIN, XC.int()), "x_calib")
-case(RS, "x_calib wrong dim", lambda: eo.rsparse.calibrate(LIN, XC[:, :47]), "x_calib")
-case(RS, "x_calib empty", lambda: eo.rsparse.calibrate(LIN, XC[:0]), "x_calib")
-case(RS, "sparsity 1", lambda: eo.rsparse.calibrate(LIN, XC, 1.0), "sparsity")
-case(RS, "sparsity -0.1", lambda: eo.rsparse.calibrate(LIN, XC, -0.1), "sparsity")
-case(RS, "sparsity NaN", lambda: eo.rsparse.calibrate(LIN, XC, NAN), "sparsity")
-case(RS, "alpha 1.5", lambda: eo.rsparse.calibrate(LIN, XC, 0.5, alpha=1.5), "alpha")
-case(RS, "alphas empty", lambda: eo.rsparse.calibrate(LIN, XC, 0.5, alphas=()), "alphas")
-case(RS, "alphas out of range", lambda: eo.rsparse.calibrate(LIN, XC, 0.5, alphas=(2.0,)), "alphas")
-case(RS, "max_search_rows 0", lambda: eo.rsparse.calibrate(LIN, XC, 0.5, max_search_rows=0), "max_search_rows")
-case(RS, "dtype int8", lambda: eo.rsparse.calibrate(LIN, XC, dtype=torch.int8), "dtype")
-case(RS, "linear a 1-D tensor", lambda: eo.rsparse.calibrate(torch.ones(8), XC), "linear")
+case(RS, "x_calib with one NaN", lambda: calibrate(LIN, XC.masked_fill(XC.abs() > 2.5, NAN)), "x_calib")
+case(RS, "x_calib with inf", lambda: calibrate(LIN, XC.masked_fill(XC > 2.5, INF)), "x_calib")
+case(RS, "linear weight NaN", lambda: calibrate(torch.full((4, 8), NAN), torch.ones(3, 8)), "linear")
+case(RS, "x_calib int", lambda: calibrate(LIN, XC.int()), "x_calib")
+case(RS, "x_calib wrong dim", lambda: calibrate(LIN, XC[:, :47]), "x_calib")
+case(RS, "x_calib empty", lambda: calibrate(LIN, XC[:0]), "x_calib")
+case(RS, "sparsity 1", lambda: calibrate(LIN, XC, 1.0), "sparsity")
+case(RS, "sparsity -0.1", lambda: calibrate(LIN, XC, -0.1), "sparsity")
+case(RS, "sparsity NaN", lambda: calibrate(LIN, XC, NAN), "sparsity")
+case(RS, "alpha 1.5", lambda: calibrate(LIN, XC, 0.5, alpha=1.5), "alpha")
+case(RS, "alphas empty", lambda: calibrate(LIN, XC, 0.5, alphas=()), "alphas")
+case(RS, "alphas out of range", lambda: calibrate(LIN, XC, 0.5, alphas=(2.0,)), "alphas")
+case(RS, "max_search_rows 0", lambda: calibrate(LIN, XC, 0.5, max_search_rows=0), "max_search_rows")
+case(RS, "dtype int8", lambda: calibrate(LIN, XC, dtype=torch.int8), "dtype")
+case(RS, "linear a 1-D tensor", lambda: calibrate(torch.ones(8), XC), "linear")
 case(RS, "x dtype differs", lambda: eo.rsparse_linear(XR.half(), RW), "x")
 case(RS, "x int", lambda: eo.rsparse_linear(XR.int(), RW), "x")
 case(RS, "x None", lambda: eo.rsparse_linear(None, RW), "x")
@@ -289,7 +291,7 @@ case(RS, "weight_t non-contiguous", lambda: eo.rsparse_linear(XR, _with(RW, weig
 case(RS, "right answer", lambda: eo.rsparse_linear(XR, RW), check=close(lambda: _rs_formula(RW, XR)))
 case(RS, "x transposed view", lambda: eo.rsparse_linear(randn(48, 3, seed=3).t(), RW),
      check=close(lambda: _rs_formula(RW, randn(48, 3, seed=3).t())))
-case(RS, "sparsity 0 is dense", lambda: eo.rsparse_linear(XR, eo.rsparse.calibrate(LIN, XC, 0.0)),
+case(RS, "sparsity 0 is dense", lambda: eo.rsparse_linear(XR, calibrate(LIN, XC, 0.0)),
      check=close(lambda: F.linear(XR.double(), LIN.weight.double())))
 case(RS, "x zero rows", lambda: eo.rsparse_linear(torch.zeros(0, 48), RW), check=lambda y: y.shape == (0, 40))
 case(RS, "RSparseWeights.to(float16) keeps col_norms float32", lambda: RW.to(dtype=torch.float16),

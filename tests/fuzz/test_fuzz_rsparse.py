@@ -14,6 +14,7 @@ import efficient_ops as eo
 from ._helpers import (
     all_backends,
     assert_close,
+    calibrate,
     expect_clear_error,
     generator,
     randn,
@@ -68,7 +69,7 @@ def test_rsparse_dense_limits(backend, n, k, m, all_active, seed):
 def test_calibrate_properties(n, k, rows, sparsity, alpha, seed):
     lin = torch.nn.Linear(k, n)
     x = randn((rows, k), torch.float32, generator(seed))
-    rw = eo.rsparse.calibrate(lin, x, sparsity, alpha=alpha)
+    rw = calibrate(lin, x, sparsity, alpha=alpha)
     rw.validate()
     assert 0 <= rw.rank <= min(n, k) and 0 <= rw.alpha <= 1
     assert all(math.isfinite(err) for _, err in rw.alpha_errors), "NaN in the alpha search"
@@ -80,7 +81,7 @@ def test_calibrate_properties(n, k, rows, sparsity, alpha, seed):
 def test_calibrate_rejects_non_finite(kind, k, seed, data):
     x = randn((16, k), torch.float32, generator(seed))
     x[data.draw(st.integers(0, 15)), data.draw(st.integers(0, k - 1))] = float(kind)
-    expect_clear_error(lambda: eo.rsparse.calibrate(torch.nn.Linear(k, 8), x, 0.5), "x_calib")
+    expect_clear_error(lambda: calibrate(torch.nn.Linear(k, 8), x, 0.5), "x_calib")
 
 
 BAD = ["x_dtype", "x_dim", "x_none", "x_meta", "bias_shape", "threshold_nan", "col_norms_dtype", "v_rows", "us_shape"]
