@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from efficient_ops import lowbit_linear
-from efficient_ops.quant import quantize_weight, quantize_weight_mixed
+from efficient_ops import quantize_weight, quantize_weight_mixed
 
 from . import common
 

@@ -3,10 +3,10 @@ same dtype, measured in the same run, at several sparsities and two splits of th
 
 Shapes are Llama-3-8B linear layers, ``K x N`` = in_features x out_features, at decode batch sizes M in
 1, 2, 4, 8; sparsity s in 0, 0.3, 0.5, 0.7, 0.9; alpha 1.0 (the whole kept budget as sparse channels, as
-TEAL does) and 0.5 (half of it as rank, :func:`efficient_ops.rsparse.budget`); s = 0 runs alpha 1 only,
+TEAL does) and 0.5 (half of it as rank, :func:`efficient_ops.formats.rsparse.budget`); s = 0 runs alpha 1 only,
 as calibration does. The weights are synthetic, not calibrated: random ``weight_t``, ``v`` and ``us_t``
 with the budgeted rank, ``col_norms`` all ones, and the threshold the |x| quantile over the input buffers
-(:func:`efficient_ops.rsparse.threshold_for`) that keeps the budgeted channel count per row on average.
+(:func:`efficient_ops.formats.rsparse.threshold_for`) that keeps the budgeted channel count per row on average.
 Every row of x draws its own channels (independent random inputs), which is the worst case for M > 1:
 the kernels read the weight rows of the union of the rows' active channels, so each result records the
 measured per-row active fraction and the union's.
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from efficient_ops import rsparse_linear
-from efficient_ops.rsparse import RSparseWeights, _mask, budget, threshold_for
+from efficient_ops import RSparseWeights
+from efficient_ops.formats.rsparse import active_mask, budget, threshold_for
 
 from . import common
 
@@ -67,7 +68,7 @@ def _fractions(xs: List[torch.Tensor], col_norms: torch.Tensor, threshold: float
     """Per buffer: (mean per-row active fraction, union active fraction, fraction of channels inactive in some row)."""
     out = []
     for x in xs:
-        m = _mask(x, col_norms, threshold)
+        m = active_mask(x, col_norms, threshold)
         out.append((m.float().mean().item(), m.any(0).float().mean().item(), (~m).any(0).float().mean().item()))
     return out
 

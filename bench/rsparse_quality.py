@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from efficient_ops.nn import RSparseLinear, rsparsify_model
-from efficient_ops.rsparse import _mask
+from efficient_ops.formats.rsparse import active_mask
 
 from . import common
 from . import perplexity as ppl
@@ -86,7 +86,7 @@ class ActiveCounter:
     def _hook(self, name):
         def count(module, args, output):
             x = args[0]
-            self.active[name] += int(_mask(x, module.col_norms, module.threshold).sum())
+            self.active[name] += int(active_mask(x, module.col_norms, module.threshold).sum())
             self.total[name] += x.numel()
         return count
 

@@ -90,8 +90,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 from efficient_ops import backends
-from efficient_ops.sparse_attention import (BlockSparseMask, PageSummary, block_sparse_attention, paged_sparse_decode,
-                                            select_pages, topk_blocks)
+from efficient_ops import (BlockSparseMask, PageSummary, block_sparse_attention, paged_sparse_decode, select_pages,
+                           topk_blocks)
 
 from . import common
 
@@ -210,7 +210,7 @@ def _dynamo_limit():
 _PREFLIGHT = {
     "block_sparse_attention": """
 import torch
-from efficient_ops.sparse_attention import topk_blocks, block_sparse_attention
+from efficient_ops import topk_blocks, block_sparse_attention
 dtype, (hq, hkv, d), block = getattr(torch, {dtype!r}), {heads!r}, {block!r}
 g = torch.Generator(device="cuda").manual_seed(0)
 q = torch.randn(1, hq, 1024, d, device="cuda", dtype=dtype, generator=g)
@@ -221,7 +221,7 @@ assert torch.isfinite(out).all()
 """,
     "paged_sparse_decode": """
 import torch
-from efficient_ops.sparse_attention import PageSummary, select_pages, paged_sparse_decode
+from efficient_ops import PageSummary, select_pages, paged_sparse_decode
 dtype, (hq, hkv, d), page = getattr(torch, {dtype!r}), {heads!r}, {page!r}
 g = torch.Generator(device="cuda").manual_seed(0)
 q = torch.randn(2, hq, d, device="cuda", dtype=dtype, generator=g)

@@ -73,8 +73,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
-from efficient_ops import backends, compact_kv, tree_attention
-from efficient_ops.speculative import tree_depths, tree_mask
+from efficient_ops import backends, compact_kv, tree_attention, tree_depths, tree_mask
 
 from . import common
 

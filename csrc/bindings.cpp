@@ -353,7 +353,7 @@ PYBIND11_MODULE(_C, m) {
         "Low-bit decode GEMV, M = 1..16 rows of x (float16/bfloat16), one launch, float32 accumulation:\n"
         "out[m, n] = sum_j x[m, col_a(j)] * wa[n, j] + sum_j x[m, col_b(j)] * wb[n, j] (+ bias[n]), with\n"
         "w[n, j] = (q[n, j] - zeros[n, j // group]) * scales[n, j // group] for each segment's packed levels q.\n"
-        "fmt_a, fmt_b: 'w4', 'w3', 'w2', 'ternary', 'w1' (layouts: efficient_ops.quant.lowbit); fmt_b '' = no\n"
+        "fmt_a, fmt_b: 'w4', 'w3', 'w2', 'ternary', 'w1' (layouts: efficient_ops.formats.lowbit); fmt_b '' = no\n"
         "second segment. k_a, k_b: real columns (K before padding; K_pad comes from the format's k_align).\n"
         "group_a, group_b: columns per scale, a multiple of 32 (K_pad for one scale per row); scales/zeros are\n"
         "[N, ceil(K_pad / group)] in scale_dtype, qweight int32 [N, words], 16-byte aligned. perm_ptr 0: x has\n"

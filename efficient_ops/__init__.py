@@ -8,17 +8,19 @@ and domain type is importable from here; modules and model conversion are in :mo
 __version__ = "0.1.0"
 
 # importing ops registers torch.ops.efficient_ops.*
-from . import backends, nn, ops, quant, rsparse, sparse_attention, speculative  # noqa: F401
+from . import backends, formats, nn, ops  # noqa: F401
+from .formats.lowbit import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_packed, dequantize_weight,
+                             pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels,
+                             unpack_levels)
+from .formats.rsparse import RSparseWeights
+from .formats.sparse_attention import (BlockSparseMask, PageSummary, anchor, centroid_select, kmeans_keys, streaming,
+                                       topk_blocks, vertical_slash)
+from .formats.speculative import tree_depths, tree_mask, tree_paths, tree_positions, validate_parents
 from .ops.lowbit import lowbit_linear
 from .ops.rsparse import rsparse_linear
-from .quant import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_packed, dequantize_weight,
-                    pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels, unpack_levels)
-from .rsparse import RSparseWeights
-from .sparse_attention import (BlockSparseMask, PageSummary, anchor, block_sparse_attention, centroid_select,
-                               kmeans_keys, paged_sparse_decode, select_pages, sparse_decode_attention, streaming,
-                               topk_blocks, vertical_slash)
-from .speculative import (compact_kv, merge_attention_states, tree_attention, tree_depths, tree_mask, tree_paths,
-                          tree_positions, validate_parents, verify_greedy, verify_sampling, verify_typical)
+from .ops.sparse_attention import block_sparse_attention, paged_sparse_decode, select_pages, sparse_decode_attention
+from .ops.speculative import (compact_kv, merge_attention_states, tree_attention, verify_greedy, verify_sampling,
+                              verify_typical)
 
 __all__ = [
     # low-bit GEMM
@@ -33,5 +35,5 @@ __all__ = [
     # speculative
     "tree_attention", "merge_attention_states", "verify_greedy", "verify_sampling", "verify_typical", "compact_kv",
     "validate_parents", "tree_depths", "tree_mask", "tree_positions", "tree_paths",
-    "backends", "nn", "ops", "__version__",
+    "backends", "formats", "nn", "ops", "__version__",
 ]

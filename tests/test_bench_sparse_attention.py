@@ -12,7 +12,7 @@ import torch
 from efficient_ops import backends, cli
 from efficient_ops.bench import sparse_attention as bench
 from efficient_ops.reference.sparse_attention import element_mask
-from efficient_ops.sparse_attention import BlockSparseMask, block_sparse_attention, streaming, topk_blocks
+from efficient_ops import BlockSparseMask, block_sparse_attention, streaming, topk_blocks
 
 
 def brute_force_pairs(mask: BlockSparseMask, batch: int, heads: int) -> int:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from efficient_ops.bench import tree_attention as bench
-from efficient_ops.speculative import tree_depths, tree_mask, validate_parents
+from efficient_ops import tree_depths, tree_mask, validate_parents
 
 
 def test_quick_cpu_run_writes_consistent_results(tmp_path):

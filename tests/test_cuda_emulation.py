@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from efficient_ops import backends
-from efficient_ops.quant import lowbit
+from efficient_ops.formats import lowbit
 
 from conftest import build_emulation, run_emulation
 

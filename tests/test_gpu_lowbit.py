@@ -6,7 +6,7 @@ import torch
 
 import efficient_ops
 from efficient_ops import backends
-from efficient_ops.quant import quantize_weight, quantize_weight_mixed
+from efficient_ops import quantize_weight, quantize_weight_mixed
 
 from conftest import gpu_kernel_backends, rel_err
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import efficient_ops
-from efficient_ops.rsparse import RSparseWeights, budget, calibrate
+from efficient_ops.formats.rsparse import RSparseWeights, budget, calibrate
 
 from conftest import gpu_kernel_backends, rel_err
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import efficient_ops
 from efficient_ops import backends
-from efficient_ops.quant import dequantize_weight, quantize_weight, quantize_weight_mixed
+from efficient_ops import dequantize_weight, quantize_weight, quantize_weight_mixed
 
 from conftest import rel_err
 from test_quant_lowbit import ALL_BITS, dequantize_independent

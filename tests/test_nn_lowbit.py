@@ -7,7 +7,7 @@ from torch import nn
 
 from efficient_ops import backends
 from efficient_ops.nn import MixedQuantLinear, QuantLinear, quantize_model
-from efficient_ops.quant import dequantize_weight, select_salient_channels
+from efficient_ops import dequantize_weight, select_salient_channels
 
 from conftest import rel_err, tiny_llama
 

@@ -44,7 +44,7 @@ def test_works_without_triton_and_extension():
     code = ("import sys; sys.modules['triton'] = None; sys.modules['efficient_ops._C'] = None\n"
             "import torch, efficient_ops\n"
             "from efficient_ops import backends, cli\n"
-            "from efficient_ops.quant import quantize_weight\n"
+            "from efficient_ops import quantize_weight\n"
             "qw = quantize_weight(torch.randn(16, 64))\n"
             "print(efficient_ops.lowbit_linear(torch.randn(2, 64), qw).shape)\n"
             "print(backends.device_status('triton', torch.device('cpu')))\n"

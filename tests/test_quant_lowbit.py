@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from efficient_ops.quant import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_weight, get_format,
+from efficient_ops.formats.lowbit import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_weight, get_format,
                                  pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels,
                                  unpack_levels, validate_packed)
 
@@ -20,7 +20,7 @@ def _bits_of(words: np.ndarray, first_bit: int, width: int) -> np.ndarray:
 
 
 def unpack_independent(qweight: torch.Tensor, bits) -> np.ndarray:
-    """Levels [N, K_pad] straight from the layout table of efficient_ops.quant.lowbit's docstring."""
+    """Levels [N, K_pad] straight from the layout table of efficient_ops.formats.lowbit's docstring."""
     words = qweight.numpy().view(np.uint32)
     n = words.shape[0]
     if bits in (4, 2, 1):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import efficient_ops
-from efficient_ops import backends, rsparse
+from efficient_ops import backends
+from efficient_ops.formats.rsparse import DEFAULT_ALPHAS, RSparseWeights, budget, calibrate
 from efficient_ops.nn import RSparseLinear, rsparsify_model
-from efficient_ops.rsparse import RSparseWeights, budget, calibrate
 
 from conftest import rel_err, tiny_llama
 
@@ -79,7 +79,7 @@ def test_factors_are_the_svd():
 def test_alpha_search_picks_the_least_error():
     lin, rw, x = make(64, 48, sparsity=0.5, alpha=None)
     alphas = [a for a, _ in rw.alpha_errors]
-    assert alphas == list(rsparse.DEFAULT_ALPHAS)
+    assert alphas == list(DEFAULT_ALPHAS)
     best = min(rw.alpha_errors, key=lambda e: e[1])
     assert rw.alpha == best[0]
     # the decaying spectrum makes a mix of both branches beat sparse channels alone (alpha = 1)

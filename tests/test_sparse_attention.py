@@ -1,4 +1,5 @@
-"""Block-sparse attention, the sparsity patterns and page-selecting sparse decode (efficient_ops.sparse_attention).
+"""Block-sparse attention, the sparsity patterns and page-selecting sparse decode (formats.sparse_attention,
+ops.sparse_attention).
 
 Every mask is checked three ways: the reference (dense attention with the mask expanded per element),
 FlexAttention with the equivalent mask (eager, on CPU: an independent implementation), and the Triton
@@ -16,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 import efficient_ops as eo
-from efficient_ops import sparse_attention as sa
 from efficient_ops.backends import BackendUnavailableError
 from efficient_ops.reference import sparse_attention as reference
 
@@ -44,7 +44,7 @@ def random_mask(shape, block_m, block_n, sq, skv, causal, density, seed):
     g = torch.Generator().manual_seed(seed)
     dense = torch.rand(*shape, -(-sq // block_m), -(-skv // block_n), generator=g) < density
     dense.view(-1, dense.shape[-1])[0] = False  # an empty query block
-    return sa.BlockSparseMask.from_dense(dense, block_m, block_n, sq, skv, causal)
+    return eo.BlockSparseMask.from_dense(dense, block_m, block_n, sq, skv, causal)
 
 
 def check_outputs(out, lse, want, want_lse, tol):
@@ -59,7 +59,7 @@ def check_outputs(out, lse, want, want_lse, tol):
 
 def test_mask_dense_round_trip_and_layout():
     dense = torch.rand(2, 3, 5, 7) < 0.4
-    m = sa.BlockSparseMask.from_dense(dense, 32, 16)
+    m = eo.BlockSparseMask.from_dense(dense, 32, 16)
     assert torch.equal(m.to_dense(), dense)
     assert m.kv_num_blocks.dtype == m.kv_indices.dtype == torch.int32
     assert (m.q_len, m.kv_len) == (160, 112)
@@ -73,19 +73,19 @@ def test_mask_from_flex():
         return q_idx >= kv_idx
 
     block_mask = flex.create_block_mask(causal, 1, 1, 200, 200, device="cpu", BLOCK_SIZE=(64, 32))
-    m = sa.BlockSparseMask.from_flex(block_mask, causal=True)
+    m = eo.BlockSparseMask.from_flex(block_mask, causal=True)
     assert torch.equal(m.to_dense(), block_mask.to_dense().bool())  # partial and full blocks together
     assert (m.block_m, m.block_n, m.q_len, m.kv_len, m.causal) == (64, 32, 200, 200, True)
 
 
 def test_mask_validation():
     with pytest.raises(ValueError, match="block_m"):
-        sa.BlockSparseMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), 48, 16)
+        eo.BlockSparseMask.from_dense(torch.ones(1, 1, 2, 2, dtype=torch.bool), 48, 16)
     with pytest.raises(ValueError, match="kv_num_blocks"):
-        sa.BlockSparseMask(torch.zeros(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 2, dtype=torch.int32),
+        eo.BlockSparseMask(torch.zeros(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 2, dtype=torch.int32),
                            16, 16, 20, 20)
     with pytest.raises(ValueError, match="kv_indices"):
-        sa.BlockSparseMask(torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int64),
+        eo.BlockSparseMask(torch.zeros(1, 1, 2, dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int64),
                            16, 16, 20, 20)
 
 
@@ -126,7 +126,7 @@ def test_triton_matches_reference_and_flex(case, poison_outputs):
 
 def test_full_density_equals_sdpa():
     q, k, v = qkv(1, 2, 2, 50, 90, 64, torch.float16, seed=3)
-    m = sa.BlockSparseMask.from_dense(torch.ones(1, 1, 4, 3, dtype=torch.bool), 16, 32, 50, 90, causal=True)
+    m = eo.BlockSparseMask.from_dense(torch.ones(1, 1, 4, 3, dtype=torch.bool), 16, 32, 50, 90, causal=True)
     out = eo.block_sparse_attention(q, k, v, m, backend="triton")
     mask = torch.arange(90)[None, :] <= torch.arange(50)[:, None] + 40
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
@@ -205,7 +205,7 @@ def kernels_honour(q, k, v, mask):
 
 def test_streaming():
     sq, skv, sink, window = 90, 130, 5, 20
-    m = sa.streaming(sq, skv, sink=sink, window=window, block_m=16, block_n=16, n_heads=3, dense_heads=[1])
+    m = eo.streaming(sq, skv, sink=sink, window=window, block_m=16, block_n=16, n_heads=3, dense_heads=[1])
     i = torch.arange(sq)[:, None] + (skv - sq)
     j = torch.arange(skv)[None, :]
     keys = (j < sink) | ((j > i - window) & (j <= i))
@@ -245,7 +245,7 @@ def brute_vertical_slash(q, k, n_vertical, n_slash, last_q, bm, bn):
 
 def test_vertical_slash():
     q, k, v = qkv(1, 2, 1, 70, 100, 64, torch.float16, seed=7)
-    m = sa.vertical_slash(q, k, n_vertical=6, n_slash=4, last_q=16, block_m=16, block_n=16)
+    m = eo.vertical_slash(q, k, n_vertical=6, n_slash=4, last_q=16, block_m=16, block_n=16)
     want = brute_vertical_slash(q, k, 6, 4, 16, 16, 16)
     assert torch.equal(m.to_dense(), want)
     assert 0.1 < m.density() < 0.9
@@ -255,7 +255,7 @@ def test_vertical_slash():
 def test_anchor():
     q, k, v = qkv(2, 2, 1, 64, 96, 64, torch.float16, seed=8)
     theta = 0.3
-    m = sa.anchor(q, k, theta=theta, block_m=16, block_n=16, init_blocks=1, local_blocks=2)
+    m = eo.anchor(q, k, theta=theta, block_m=16, block_n=16, init_blocks=1, local_blocks=2)
     want = torch.zeros(2, 2, 4, 6, dtype=torch.bool)
     for b in range(2):
         for h in range(2):
@@ -275,34 +275,34 @@ def test_anchor():
 
 def test_kmeans_and_centroid_select():
     q, k, v = qkv(1, 2, 1, 32, 160, 64, torch.float16, seed=9)
-    centroids, assign = sa.kmeans_keys(k, n_clusters=8, generator=torch.Generator().manual_seed(0))
+    centroids, assign = eo.kmeans_keys(k, n_clusters=8, generator=torch.Generator().manual_seed(0))
     assert centroids.shape == (1, 1, 8, 64) and assign.shape == (1, 1, 160)
     assert torch.equal(assign[0, 0], torch.cdist(k[0, 0].float(), centroids[0, 0]).argmin(-1))  # nearest centroid
     for c in range(8):  # each centroid is the mean of its keys
         members = k[0, 0][assign[0, 0] == c].float()
         if len(members):
             assert torch.allclose(centroids[0, 0, c], members.mean(0), atol=1e-4)
-    everything = sa.centroid_select(q, centroids, assign, top_k=8, block_m=16, block_n=32)
+    everything = eo.centroid_select(q, centroids, assign, top_k=8, block_m=16, block_n=32)
     assert torch.equal(everything.to_dense()[0, 0], blocks_from_keys(causal_keys(32, 160), 16, 32))
-    m = sa.centroid_select(q, centroids, assign, top_k=2, block_m=16, block_n=32, causal=False)
+    m = eo.centroid_select(q, centroids, assign, top_k=2, block_m=16, block_n=32, causal=False)
     pooled = q.float().view(1, 2, 2, 16, 64).mean(3)
     for h in range(2):
         for mb in range(2):
             chosen = set((pooled[0, h, mb] @ centroids[0, 0].T).topk(2).indices.tolist())
             keys = torch.tensor([int(a) in chosen for a in assign[0, 0]])
             assert torch.equal(m.to_dense()[0, h, mb], blocks_from_keys(keys[None], 1, 32)[0])
-    mt = sa.centroid_select(q, centroids, assign, threshold=0.2, block_m=16, block_n=32)
+    mt = eo.centroid_select(q, centroids, assign, threshold=0.2, block_m=16, block_n=32)
     assert 0 < mt.density() <= 1
     kernels_honour(q, k, v, m)
     kernels_honour(q, k, v, mt)
     with pytest.raises(ValueError, match="exactly one"):
-        sa.centroid_select(q, centroids, assign)
+        eo.centroid_select(q, centroids, assign)
 
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_topk_blocks(causal):
     q, k, v = qkv(1, 4, 2, 100, 140, 64, torch.float16, seed=10)
-    m = sa.topk_blocks(q, k, density=0.3, block_m=32, block_n=16, causal=causal)
+    m = eo.topk_blocks(q, k, density=0.3, block_m=32, block_n=16, causal=causal)
     dense = m.to_dense()
     reachable = blocks_from_keys(causal_keys(100, 140), 32, 16) if causal else torch.ones(4, 9, dtype=torch.bool)
     assert not (dense & ~reachable).any()
@@ -310,7 +310,7 @@ def test_topk_blocks(causal):
     if causal:
         last = torch.tensor([31, 63, 95, 99]) + 40
         assert dense[0, :, torch.arange(4), last // 16].all()
-    assert torch.equal(sa.topk_blocks(q, k, 1.0, 32, 16, causal).to_dense()[0, 0], reachable)
+    assert torch.equal(eo.topk_blocks(q, k, 1.0, 32, 16, causal).to_dense()[0, 0], reachable)
     kernels_honour(q, k, v, m)
 
 
@@ -333,7 +333,7 @@ def test_page_summary_build_and_update(page):
     g = torch.Generator().manual_seed(11)
     k_cache = torch.randn(3, 2, 300, 8, generator=g).half()
     seq_lens = torch.tensor([0, 17, 250])
-    summary = sa.PageSummary.build(k_cache, seq_lens, page)
+    summary = eo.PageSummary.build(k_cache, seq_lens, page)
     for got, want in zip((summary.kmin, summary.kmax), brute_summary(k_cache, seq_lens, page)):
         assert torch.equal(got, want)
     for new in (torch.tensor([1, 18, 251]), torch.tensor([40, 18, 300])):  # one token; then many, across pages
@@ -341,7 +341,7 @@ def test_page_summary_build_and_update(page):
         for got, want in zip((summary.kmin, summary.kmax), brute_summary(k_cache, new, page)):
             assert torch.equal(got, want)
     # with a bound on the new tokens (no host synchronisation, for CUDA graphs)
-    summary = sa.PageSummary.build(k_cache, seq_lens, page)
+    summary = eo.PageSummary.build(k_cache, seq_lens, page)
     for step in range(1, 4):
         new = seq_lens + 17 * step
         summary.update(k_cache, new, max_new_tokens=17)
@@ -358,8 +358,8 @@ def decode_inputs(b, hq, hkv, s_max, d, seq, dtype, seed):
 @pytest.mark.parametrize("page, budget", [(16, 64), (16, 1000), (64, 128), (16, 1)])
 def test_select_pages_matches_reference(page, budget):
     q, k, _, seq_lens = decode_inputs(3, 8, 2, 500, 64, [500, 33, 0], torch.float16, seed=page + budget)
-    summary = sa.PageSummary.build(k, seq_lens, page)
-    pages = sa.select_pages(q, summary, seq_lens, budget)
+    summary = eo.PageSummary.build(k, seq_lens, page)
+    pages = eo.select_pages(q, summary, seq_lens, budget)
     want = reference.select_pages(q, summary.kmin, summary.kmax, seq_lens, page, budget)
     assert torch.equal(pages, want)
     n_valid = (seq_lens + page - 1) // page
@@ -374,8 +374,8 @@ def test_select_pages_matches_reference(page, budget):
 @pytest.mark.parametrize("g_heads, page, d", [(1, 16, 64), (4, 64, 128), (8, 16, 64)])
 def test_paged_decode_triton_reference_and_sdpa(g_heads, page, d, poison_outputs):
     q, k, v, seq_lens = decode_inputs(3, 2 * g_heads, 2, 400, d, [400, 70, 0], torch.float16, seed=d + page)
-    summary = sa.PageSummary.build(k, seq_lens, page)
-    pages = sa.select_pages(q, summary, seq_lens, 130)
+    summary = eo.PageSummary.build(k, seq_lens, page)
+    pages = eo.select_pages(q, summary, seq_lens, 130)
     pages[0, 1, -1] = -1  # an unused slot
     out = eo.paged_sparse_decode(q, k, v, seq_lens, pages, page, backend="triton")
     ref = eo.paged_sparse_decode(q, k, v, seq_lens, pages, page, backend="reference")
@@ -393,7 +393,7 @@ def test_paged_decode_triton_reference_and_sdpa(g_heads, page, d, poison_outputs
 
 def test_sparse_decode_with_a_full_budget_is_dense_decode():
     q, k, v, seq_lens = decode_inputs(2, 4, 2, 256, 64, [256, 100], torch.float16, seed=12)
-    summary = sa.PageSummary.build(k, seq_lens, 16)
+    summary = eo.PageSummary.build(k, seq_lens, 16)
     out = eo.sparse_decode_attention(q, k, v, seq_lens, summary, token_budget=256, backend="triton")
     for b in range(2):
         n = int(seq_lens[b])
@@ -418,14 +418,14 @@ def test_decode_bad_inputs():
     with pytest.raises(BackendUnavailableError, match="cuda"):
         eo.paged_sparse_decode(q, k, v, seq_lens, pages, 16, backend="cuda")
     with pytest.raises(ValueError, match="page_size"):
-        sa.PageSummary.build(k, seq_lens, 32)
+        eo.PageSummary.build(k, seq_lens, 32)
 
 
 def test_decode_opcheck():
     q, k, v, seq_lens = decode_inputs(2, 4, 2, 64, 16, [64, 10], torch.float32, seed=0)
-    summary = sa.PageSummary.build(k, seq_lens, 16)
+    summary = eo.PageSummary.build(k, seq_lens, 16)
     torch.library.opcheck(torch.ops.efficient_ops.select_pages, (q, summary.kmin, summary.kmax, seq_lens, 16, 32))
-    pages = sa.select_pages(q, summary, seq_lens, 32)
+    pages = eo.select_pages(q, summary, seq_lens, 32)
     torch.library.opcheck(torch.ops.efficient_ops.paged_sparse_decode, (q, k, v, seq_lens, pages, 16),
                           {"backend": "reference"})
 
@@ -481,7 +481,7 @@ def test_cuda_runners_pass_the_extension_checks(fake_cuda_launch):
     with pytest.raises(RuntimeError, match="block_sparse_attention: CUDA launch failed"):
         ops._run_block_sparse_cuda(q, k, v, m.kv_num_blocks, m.kv_indices, 16, 32, True, 0.125)
     qd, kc, vc, seq_lens = decode_inputs(2, 8, 2, 300, 128, [300, 20], torch.float16, seed=0)
-    pages = sa.select_pages(qd, sa.PageSummary.build(kc, seq_lens, 16), seq_lens, 64)
+    pages = eo.select_pages(qd, eo.PageSummary.build(kc, seq_lens, 16), seq_lens, 64)
     with pytest.raises(RuntimeError, match="paged_sparse_decode: CUDA launch failed"):
         ops._run_decode_cuda(qd, kc, vc, seq_lens, pages, 16, 0.1)
 
@@ -490,7 +490,7 @@ def test_block_sparse_and_decode_under_torch_compile():
     q, k, v = qkv(1, 2, 1, 40, 40, 16, torch.float32, seed=0)
     m = random_mask((1, 2), 16, 16, 40, 40, True, 0.5, seed=0)
     qd, kc, vc, seq_lens = decode_inputs(2, 4, 2, 64, 16, [64, 10], torch.float32, seed=0)
-    summary = sa.PageSummary.build(kc, seq_lens, 16)
+    summary = eo.PageSummary.build(kc, seq_lens, 16)
 
     def step(q, k, v, qd):
         o, lse = eo.block_sparse_attention(q, k, v, m, return_lse=True, backend="reference")

@@ -1,4 +1,4 @@
-"""Tree attention, attention-state merging, verification and KV compaction (efficient_ops.speculative).
+"""Tree attention, attention-state merging, verification and KV compaction (efficient_ops.ops.speculative).
 
 Tree attention is checked against SDPA with the explicit boolean mask (an independent implementation) and
 against the reference; the Triton kernels run under the interpreter on CPU. Verification is checked
@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import efficient_ops as eo
+from efficient_ops import tree_mask
 from efficient_ops.backends import BackendUnavailableError
 from efficient_ops.ops.speculative import verify_sampling_with_uniforms
 from efficient_ops.reference import speculative as reference
-from efficient_ops.speculative import tree_mask
 
 from conftest import rel_err
 

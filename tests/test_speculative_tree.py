@@ -1,10 +1,10 @@
-"""Draft-tree helpers (efficient_ops.speculative) against a brute-force walk of the parent links, on
+"""Draft-tree helpers (efficient_ops.formats.speculative) against a brute-force walk of the parent links, on
 chains, stars and random topological trees; malformed trees are rejected with a clear error."""
 
 import pytest
 import torch
 
-from efficient_ops.speculative import tree_depths, tree_mask, tree_paths, tree_positions, validate_parents
+from efficient_ops.formats.speculative import tree_depths, tree_mask, tree_paths, tree_positions, validate_parents
 
 
 def random_tree(t, g):

@@ -1,6 +1,7 @@
-"""Triton low-bit GEMM: ``out = x @ dequant(W).T + bias`` on every packed format of ``efficient_ops.quant``.
+"""Triton low-bit GEMM: ``out = x @ dequant(W).T + bias`` on every packed format of ``efficient_ops.formats.lowbit``.
 
-Formats (documented in ``efficient_ops.quant.lowbit``): 4, 3, 2 and 1 bit in int32 words along K, and
+Formats (documented there; the caller passes each segment's format name and padded K, so this module
+imports nothing from the package): 4, 3, 2 and 1 bit in int32 words along K, and
 ternary at five trits per byte. Every one dequantizes as ``(q - zero) * scale`` per group, so one
 kernel serves them: a compile-time ``FMT`` only changes how a ``[BLOCK_N, BLOCK_K]`` tile of levels
 ``q`` is decoded from the words. PTQ1.61's mixed layout runs as two segments of one launch (the
@@ -25,8 +26,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from efficient_ops.quant.lowbit import get_format, padded_in_features
 
 # Format codes of the FMT constexpr (ternary has its own code: it is not a bit width).
 FMT_CODES = {"w4": 4, "w3": 3, "w2": 2, "w1": 1, "ternary": 0}
@@ -192,19 +191,14 @@ def _config(M: int, N: int, segments, device: torch.device) -> dict:
 def lowbit_gemm(x: torch.Tensor, segments, bias, perm=None) -> torch.Tensor:
     """``x`` [M, K] (unit stride along K) -> [M, N] in ``x.dtype``. Inputs are validated by the caller.
 
-    ``segments``: one or two ``(qweight, scales, zeros, bits, group, in_features)`` tuples, ``group`` the
-    effective group size (K_pad for per-channel). With two segments, ``perm`` (int32 [K]) maps the
-    columns of segment A, then of segment B, to columns of x.
+    ``segments``: one or two ``(qweight, scales, zeros, format name, K_pad, group, in_features)`` tuples
+    (``format name`` one of :data:`FMT_CODES`; ``group`` the effective group size, K_pad for per-channel).
+    With two segments, ``perm`` (int32 [K]) maps the columns of segment A, then of segment B, to columns of x.
     """
     M, K = x.shape
     N = segments[0][0].shape[0]
     assert x.stride(1) == 1 and (len(segments) == 1) == (perm is None)
-    specs = []
-    for qweight, scales, zeros, bits, group, k_seg in segments:
-        fmt = get_format(bits)
-        k_pad = padded_in_features(k_seg, bits)
-        assert qweight.shape[1] == fmt.words(k_pad)
-        specs.append((fmt.name, k_pad, group))
+    specs = [(name, k_pad, group) for _, _, _, name, k_pad, group, _ in segments]
     cfg = _config(M, N, specs, x.device)
     block_k, split_k = cfg["BLOCK_K"], cfg["SPLIT_K"]
     out = torch.empty((M, N) if split_k == 1 else (split_k, M, N),
@@ -215,7 +209,7 @@ def lowbit_gemm(x: torch.Tensor, segments, bias, perm=None) -> torch.Tensor:
     _lowbit_kernel[grid](
         x, bias if bias is not None else a[1], out, perm if perm is not None else a[0],
         a[0], a[1], a[2], b[0], b[1], b[2],
-        M, N, K, a[5], b[5] if len(segments) == 2 else 0,
+        M, N, K, a[6], b[6] if len(segments) == 2 else 0,
         specs[0][1] // block_k, specs[1][1] // block_k if len(segments) == 2 else 0,
         x.stride(0), N, a[0].stride(0), a[1].stride(0), b[0].stride(0), b[1].stride(0),
         FMT_A=FMT_CODES[specs[0][0]], GROUP_A=specs[0][2], FMT_B=FMT_CODES[specs[-1][0]], GROUP_B=specs[-1][2],

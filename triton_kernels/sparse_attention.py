@@ -1,4 +1,4 @@
-"""Block-sparse prefill attention and paged sparse decode (see :mod:`efficient_ops.sparse_attention`).
+"""Block-sparse prefill attention and paged sparse decode (see :mod:`efficient_ops.ops.sparse_attention`).
 
 ``_block_sparse_attention``: one program per (query block, batch x query head); it loops over exactly the
 KV blocks its mask row lists (work proportional to the selected blocks), FlashAttention-2 style online

@@ -1,7 +1,7 @@
 // Low-bit decode GEMV:  out[M, N] = x[M, K] @ dequant(W)^T (+ bias),  M = 1..16, for every packed
-// format of efficient_ops.quant.lowbit, and for a "mixed" weight of two packed segments (PTQ1.61).
+// format of efficient_ops.formats.lowbit, and for a "mixed" weight of two packed segments (PTQ1.61).
 //
-// Packed formats (fixed; efficient_ops.quant produces them; its module docstring is the specification)
+// Packed formats (fixed; efficient_ops.formats.lowbit produces them; its module docstring is the specification)
 // ------------------------------------------------------------------------------------------------
 //   w[n, k] = (q[n, k] - z[n, k / group]) * s[n, k / group],  q an unsigned level.
 //   qweight  int32 [N, words], row-major contiguous, 16-byte aligned; K padded to K_pad (a multiple of

@@ -10,7 +10,7 @@
 
 namespace efficient_ops {
 
-// Packed weight formats (efficient_ops.quant.lowbit's module docstring is the specification).
+// Packed weight formats (efficient_ops.formats.lowbit's module docstring is the specification).
 // kNone marks an absent second segment.
 enum class LowbitFormat : int { kNone = 0, kW4, kW3, kW2, kTernary, kW1 };
 

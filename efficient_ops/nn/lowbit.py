@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, get_format, num_groups, padded_in_features,
-                            quantize_weight, quantize_weight_mixed, select_salient_channels, validate_packed)
+from ..formats.lowbit import (MixedQuantizedWeight, QuantizedWeight, get_format, num_groups, padded_in_features,
+                              quantize_weight, quantize_weight_mixed, select_salient_channels, validate_packed)
 from .convert import copy_bias, observe_inputs, replace_module, target_linears
 
 
@@ -55,7 +55,7 @@ class QuantLinear(nn.Module):
         """Quantize ``linear``'s weight into a new module on the same device.
 
         ``quantize_kwargs``: ``grid``, ``symmetric``, ``clip_search``, ``scale_dtype`` as in
-        :func:`efficient_ops.quant.quantize_weight`.
+        :func:`efficient_ops.quantize_weight`.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
@@ -119,7 +119,7 @@ class MixedQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, salient_channels: Sequence[int], salient_bits: float = 4,
                     rest_bits: float = 1, **quantize_kwargs) -> "MixedQuantLinear":
-        """Quantize ``linear`` with :func:`efficient_ops.quant.quantize_weight_mixed` into a new module."""
+        """Quantize ``linear`` with :func:`efficient_ops.quantize_weight_mixed` into a new module."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
         mqw = quantize_weight_mixed(linear.weight, salient_channels, salient_bits=salient_bits, rest_bits=rest_bits,
@@ -184,7 +184,7 @@ def quantize_model(model: nn.Module, bits: float = 4, group_size: int = 128, ski
     Args:
         model: any module, a Hugging Face causal LM included.
         bits, group_size, grid, symmetric, clip_search, scale_dtype: as in
-            :func:`efficient_ops.quant.quantize_weight` (bits 4, 3, 2, 1.58 for ternary, or 1).
+            :func:`efficient_ops.quantize_weight` (bits 4, 3, 2, 1.58 for ternary, or 1).
         skip: module names to leave dense; an entry matches a module whose dotted name contains it as a
             whole component sequence ("lm_head" matches "lm_head" and "model.lm_head").
         salient_fraction: PTQ1.61 mixed precision: this share of each layer's input channels (those with

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..rsparse import RSparseWeights, calibrate, validate_weights
+from ..formats.rsparse import RSparseWeights, calibrate, validate_weights
 from .convert import copy_bias, observe_inputs, replace_module, target_linears
 
 # Prefill crossover: calls with more rows than this run the dense weight through cuBLAS. The sparse path
@@ -17,7 +17,7 @@ DEFAULT_MAX_SPARSE_ROWS = 8
 
 
 class RSparseLinear(nn.Module):
-    """``y = W (x * m) + U_r S_r V_r^T (x * (1 - m)) + b`` (R-Sparse, see :mod:`efficient_ops.rsparse`).
+    """``y = W (x * m) + U_r S_r V_r^T (x * (1 - m)) + b`` (R-Sparse, see :mod:`efficient_ops.formats.rsparse`).
 
     Buffers ``weight_t`` ``[in, out]``, ``col_norms``, ``v`` ``[in, rank]``, ``us_t`` ``[rank, out]`` (so
     ``state_dict``, ``.to()`` and ``.cuda()`` work as usual); ``threshold``, ``alpha`` and ``sparsity`` are
@@ -47,7 +47,8 @@ class RSparseLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, x_calib: torch.Tensor, sparsity: float = 0.5,
                     alpha: Optional[float] = None, **calibrate_kwargs) -> "RSparseLinear":
-        """Calibrate ``linear`` on its inputs ``x_calib`` (:func:`efficient_ops.rsparse.calibrate`) into a new module."""
+        """Calibrate ``linear`` on its inputs ``x_calib`` (:func:`efficient_ops.formats.rsparse.calibrate`) into a new
+        module."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
         rw = calibrate(linear, x_calib, sparsity=sparsity, alpha=alpha, **calibrate_kwargs)
@@ -121,13 +122,13 @@ def rsparsify_model(model: nn.Module, calib_batches: Iterable, sparsity: float =
             layer's inputs (up to ``max_rows`` rows per layer).
         sparsity: target sparsity per layer, in [0, 1).
         alpha: share of the kept budget for sparse channels; None searches it per layer (see
-            :func:`efficient_ops.rsparse.calibrate`).
+            :func:`efficient_ops.formats.rsparse.calibrate`).
         skip: module names to leave dense ("lm_head" matches "lm_head" and "model.lm_head").
         max_sparse_rows: the prefill crossover of every new layer (see :class:`RSparseLinear`).
         dtype: dtype of the stored weights, which must be the dtype of the activations the layers see
             (default: each layer's weight dtype).
         progress: show tqdm progress bars.
-        calibrate_kwargs: passed to :func:`efficient_ops.rsparse.calibrate` (``alphas``, ``max_search_rows``).
+        calibrate_kwargs: passed to :func:`efficient_ops.formats.rsparse.calibrate` (``alphas``, ``max_search_rows``).
 
     Returns:
         ``model`` itself.

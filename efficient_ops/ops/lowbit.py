@@ -1,5 +1,6 @@
 """``efficient_ops::lowbit_gemm`` and ``lowbit_gemm_mixed``: ``y = x @ dequant(W).T (+ bias)`` on packed
-low-bit weights (every format of ``efficient_ops.quant.lowbit``; the mixed op is PTQ1.61's layout).
+low-bit weights (every format of :mod:`efficient_ops.formats.lowbit`; the mixed op is PTQ1.61's layout).
+Reference: :mod:`efficient_ops.reference.lowbit`; kernels: ``triton_kernels/lowbit.py``, ``csrc/lowbit/``.
 
 Backends: ``reference`` (any device), ``triton`` (CUDA; CPU under ``TRITON_INTERPRET=1``; every M),
 ``cuda`` (the compiled decode GEMV: M <= 16 rows, float16/bfloat16 x and scales). The mixed op runs
@@ -11,8 +12,8 @@ from typing import Optional, Union
 import torch
 
 from .. import backends
-from ..quant.lowbit import (MixedQuantizedWeight, QuantizedWeight, _dequantize, _dequantize_mixed,
-                            effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
+from ..formats.lowbit import (MixedQuantizedWeight, QuantizedWeight, dequantize_mixed, dequantize_packed,
+                              effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
 from ..reference import lowbit as reference
 from ._library import DTYPE_NAMES, check_bias, impl, lib, stream
 
@@ -79,8 +80,8 @@ def _run_cuda(x2, segments, bias, perm):
     m, n = x2.shape[0], segments[0][0].shape[0]
     out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     parts = []
-    for qweight, scales, zeros, bits, group, k in segments:
-        parts += [get_format(bits).name, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), k, group]
+    for qweight, scales, zeros, fmt_name, _, group, k in segments:
+        parts += [fmt_name, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), k, group]
     mixed = dict(perm_ptr=perm.data_ptr(), **dict(zip(("fmt_b", "qweight_b_ptr", "scales_b_ptr", "zeros_b_ptr",
                                                        "k_b", "group_b"), parts[6:]))) if perm is not None else {}
     backends.extension().lowbit_gemv(
@@ -112,7 +113,9 @@ def _dispatch(x, segments, bias, perm, backend, run_reference):
         x2 = x2.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    segments = [(q, s, z, bits, effective_group_size(g, k, bits), k) for q, s, z, bits, g, k in segments]
+    # what the kernels need of each format: its name, K padded, and the columns per scale
+    segments = [(q, s, z, get_format(bits).name, padded_in_features(k, bits), effective_group_size(g, k, bits), k)
+                for q, s, z, bits, g, k in segments]
     with backends.device_guard(x.device):
         out = _RUNNERS[name](x2, segments, bias, perm)
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -164,8 +167,8 @@ def _grads(ctx, grad, w, bias_index, n_inputs):
 
 def _backward(ctx, grad):
     qweight, scales, zeros = ctx.saved_tensors
-    return _grads(ctx, grad, lambda: _dequantize(qweight, scales, zeros, ctx.bits, ctx.group_size, ctx.in_features),
-                  4, 9)
+    return _grads(ctx, grad, lambda: dequantize_packed(qweight, scales, zeros, ctx.bits, ctx.group_size,
+                                                       ctx.in_features), 4, 9)
 
 
 def _setup_context(ctx, inputs, output):
@@ -176,8 +179,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_mixed(ctx, grad):
     perm, qa, sa, za, qb, sb, zb = ctx.saved_tensors
-    return _grads(ctx, grad, lambda: _dequantize_mixed(perm, qa, sa, za, ctx.bits_a, ctx.group_a, qb, sb, zb,
-                                                       ctx.bits_b, ctx.group_b, ctx.salient_features), 8, 15)
+    return _grads(ctx, grad, lambda: dequantize_mixed(perm, qa, sa, za, ctx.bits_a, ctx.group_a, qb, sb, zb,
+                                                      ctx.bits_b, ctx.group_b, ctx.salient_features), 8, 15)
 
 
 def _setup_context_mixed(ctx, inputs, output):
@@ -198,8 +201,8 @@ def lowbit_linear(x: torch.Tensor, qw: Union[QuantizedWeight, MixedQuantizedWeig
 
     Args:
         x: ``[..., K]`` float16 or bfloat16 (float32 on the triton and reference backends).
-        qw: a packed weight from :func:`efficient_ops.quant.quantize_weight` (any bit width) or
-            :func:`efficient_ops.quant.quantize_weight_mixed` (run as one fused launch), on x's device.
+        qw: a packed weight from :func:`efficient_ops.quantize_weight` (any bit width) or
+            :func:`efficient_ops.quantize_weight_mixed` (run as one fused launch), on x's device.
         bias: optional ``[N]`` in x's dtype.
         backend: "cuda", "triton" or "reference"; default ``$EFFICIENT_OPS_BACKEND``, else the best
             available for x's device. A backend that cannot run the call raises, never falls back.

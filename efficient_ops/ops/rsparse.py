@@ -1,4 +1,4 @@
-"""``efficient_ops::rsparse_linear``: R-Sparse's rank-aware sparse linear (see :mod:`efficient_ops.rsparse`).
+"""``efficient_ops::rsparse_linear``: R-Sparse's rank-aware sparse linear (see :mod:`efficient_ops.formats.rsparse`).
 
     y = W (x * m) + U_r S_r V_r^T (x * (1 - m)) + bias,   m = |x| * col_norms > threshold, per row
 
@@ -14,7 +14,7 @@ import torch
 
 from .. import backends
 from ..reference import rsparse as reference
-from ..rsparse import DTYPES, RSparseWeights, _mask, validate_weights
+from ..formats.rsparse import DTYPES, RSparseWeights, active_mask, validate_weights
 from ._library import DTYPE_NAMES, KERNEL_DTYPES, check_bias, impl, lib, stream
 
 CUDA_MAX_M = 8
@@ -107,7 +107,7 @@ def _backward(ctx, grad):
     grads = [None] * 8
     if ctx.needs_input_grad[0]:
         g = grad.float()
-        m = _mask(x, col_norms, ctx.threshold)
+        m = active_mask(x, col_norms, ctx.threshold)
         grads[0] = torch.where(m, g @ weight_t.float().T, (g @ us_t.float().T) @ v.float().T).to(grad.dtype)
     if ctx.needs_input_grad[6]:
         grads[6] = grad.reshape(-1, grad.shape[-1]).sum(0)
@@ -130,7 +130,7 @@ def rsparse_linear(x: torch.Tensor, rw: RSparseWeights, bias: Optional[torch.Ten
     Args:
         x: ``[..., in]`` float16 or bfloat16 (float32/float64 on the reference backend), in ``rw``'s dtype
             and on its device. Each row gets its own mask ``m = |x| * rw.col_norms > rw.threshold``.
-        rw: weights from :func:`efficient_ops.rsparse.calibrate`.
+        rw: weights from :func:`efficient_ops.formats.rsparse.calibrate`.
         bias: optional ``[out]`` in x's dtype.
         backend: "cuda" (M <= 8 rows), "triton" or "reference"; default ``$EFFICIENT_OPS_BACKEND``, else the
             best available for x's device and M. A backend that cannot run the call raises.

@@ -1,20 +1,23 @@
-"""Ops of sparse attention (public API and semantics: :mod:`efficient_ops.sparse_attention`).
+"""Ops of sparse attention and their public wrappers (the domain types: :mod:`efficient_ops.formats.sparse_attention`;
+the maths: :mod:`efficient_ops.reference.sparse_attention`; kernels: ``triton_kernels/sparse_attention.py``,
+``csrc/sparse_attention/``).
 
 - ``block_sparse_attention``: backends ``cuda``, ``triton``, ``reference``; returns (out, lse).
-- ``select_pages``: tensor code on any device (fixed shapes, no host synchronisation).
+- ``select_pages``: tensor code on any device (fixed shapes, no host synchronisation), run by the reference
+  backend (:func:`efficient_ops.reference.sparse_attention.select_pages_batched`).
 - ``paged_sparse_decode``: backends ``cuda``, ``triton`` (flash-decoding over the listed pages), ``reference``.
 
 Value checks that need the device's data (block indices, page indices, lengths) run outside CUDA-graph
 capture; the kernels clamp indices so that no input makes them access memory out of bounds.
 """
 
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import backends
+from ..formats.sparse_attention import PAGE_SIZES, BlockSparseMask, PageSummary, validate_block_mask
 from ..reference import sparse_attention as reference
-from ..sparse_attention import BLOCK_SIZES, PAGE_SIZES
 from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
 
 KERNEL_HEAD_DIMS = {"cuda": (64, 128), "triton": (64, 128, 256)}  # head_dim 256: block-sparse prefill on Triton
@@ -26,8 +29,6 @@ lib.define("select_pages(Tensor q, Tensor kmin, Tensor kmax, Tensor seq_lens, in
            "-> Tensor")
 lib.define("paged_sparse_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seq_lens, Tensor page_indices, "
            "int page_size, float? scale=None, str? backend=None) -> Tensor")
-
-
 
 
 def _check_attention_inputs(q, k, v, q_dims, names=("q", "k", "v")):
@@ -63,38 +64,7 @@ def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
     return None
 
 
-
 # ---------------------------------------------------------------------------------------------------- prefill
-
-def _check_block_mask(q, k, kv_num_blocks, kv_indices, block_m, block_n):
-    b, hq, sq, _ = q.shape
-    skv = k.shape[2]
-    if block_m not in BLOCK_SIZES or block_n not in BLOCK_SIZES:
-        raise ValueError(f"block_m, block_n: must be in {BLOCK_SIZES}, got {block_m}, {block_n}")
-    mq, nk = -(-sq // block_m), -(-skv // block_n)
-    for name, t, dims in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
-            raise ValueError(f"{name}: expected an int32 tensor with {dims} dimensions")
-        if t.device != q.device:
-            raise ValueError(f"{name}: on {t.device}, but q is on {q.device}")
-    bm, hm = kv_num_blocks.shape[:2]
-    if bm not in (1, b) or hm not in (1, hq) or kv_num_blocks.shape[2] != mq:
-        raise ValueError(f"kv_num_blocks: expected [1|{b}, 1|{hq}, Mq={mq}] for Sq={sq}, block_m={block_m}, got "
-                         f"{list(kv_num_blocks.shape)}")
-    if kv_indices.shape != (bm, hm, mq, nk):
-        raise ValueError(f"kv_indices: expected [{bm}, {hm}, {mq}, Nk={nk}] for Skv={skv}, block_n={block_n}, got "
-                         f"{list(kv_indices.shape)}")
-    if not checking_values(kv_indices) or kv_indices.numel() == 0:
-        return
-    if ((kv_num_blocks < 0) | (kv_num_blocks > nk)).any():
-        raise ValueError(f"kv_num_blocks: every entry must be in [0, Nk = {nk}]")
-    listed = torch.arange(nk, device=q.device) < kv_num_blocks[..., None]
-    if (listed & ((kv_indices < 0) | (kv_indices >= nk))).any():
-        raise ValueError(f"kv_indices: listed block indices must be in [0, Nk = {nk})")
-    ordered = torch.where(listed, kv_indices, nk + torch.arange(nk, device=q.device, dtype=torch.int32)).sort(-1).values
-    if (ordered[..., 1:] == ordered[..., :-1]).any():
-        raise ValueError("kv_indices: a query block lists the same KV block twice")
-
 
 def _run_block_sparse_cuda(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale):
     ext = backends.extension()
@@ -126,7 +96,8 @@ _PREFILL_RUNNERS = {"cuda": _run_block_sparse_cuda, "triton": _run_block_sparse_
 
 def _block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None, backend=None):
     _check_attention_inputs(q, k, v, 4)
-    _check_block_mask(q, k, kv_num_blocks, kv_indices, block_m, block_n)
+    validate_block_mask(kv_num_blocks, kv_indices, block_m, block_n, q.shape[2], k.shape[2], batch=q.shape[0],
+                        heads=q.shape[1], device=q.device, values=checking_values(kv_indices))
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = backends.select("block_sparse_attention", q.device, backend,
                            lambda bk: _kernel_unsupported("block_sparse_attention", bk, q, {"q": q, "k": k, "v": v}))
@@ -168,7 +139,7 @@ def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
     if kmin.dim() != 4 or kmin.shape != kmax.shape or kmin.shape[0] != b or kmin.shape[3] != d:
         raise ValueError(f"kmin, kmax: expected equal shapes [B={b}, Hkv, n_pages, D={d}], got {list(kmin.shape)} "
                          f"and {list(kmax.shape)}")
-    hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    hkv = kmin.shape[1]
     if hkv == 0 or hq % hkv:
         raise ValueError(f"q: {hq} query heads is not a multiple of the summary's {hkv} KV heads")
     if page_size not in PAGE_SIZES or token_budget < 1:
@@ -176,17 +147,7 @@ def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
                          f"{page_size}, {token_budget}")
     if seq_lens.shape != (b,) or seq_lens.dtype.is_floating_point or seq_lens.device != q.device:
         raise ValueError(f"seq_lens: expected an integer tensor [{b}] on {q.device}")
-    n_sel = min(max(2, token_budget // page_size), n_pages)
-    qg = q.float().view(b, hkv, hq // hkv, 1, d)
-    scores = torch.maximum(qg * kmax.float()[:, :, None], qg * kmin.float()[:, :, None]).sum((2, 4))
-    n_valid = torch.div(seq_lens.long() + page_size - 1, page_size, rounding_mode="floor")
-    page = torch.arange(n_pages, device=q.device)
-    forced = (page[None, :] == 0) | (page[None, :] == n_valid[:, None] - 1)
-    scores = torch.where(forced[:, None], float("inf"), scores)
-    scores = torch.where((page[None, :] < n_valid[:, None])[:, None], scores, float("-inf"))
-    best = scores.topk(n_sel, -1)
-    chosen = torch.where(best.values == float("-inf"), n_pages, best.indices).sort(-1).values
-    return torch.where(chosen == n_pages, -1, chosen).to(torch.int32)
+    return reference.select_pages_batched(q, kmin, kmax, seq_lens, page_size, token_budget)
 
 
 impl("select_pages", _select_pages)
@@ -268,3 +229,75 @@ impl("paged_sparse_decode", _paged_sparse_decode)
 @torch.library.register_fake("efficient_ops::paged_sparse_decode")
 def _paged_sparse_decode_fake(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale=None, backend=None):
     return torch.empty_like(q)
+
+
+# ---------------------------------------------------------------------------------------------------- public wrappers
+
+def select_pages(q: torch.Tensor, summary: PageSummary, seq_lens: torch.Tensor, token_budget: int) -> torch.Tensor:
+    """The pages each KV head attends: int32 ``[B, Hkv, n_sel]``, increasing, -1 padded.
+
+    ``n_sel = max(2, token_budget // page_size)`` (capped at the page count): always the first (sink) page and
+    the newest page, then the others with the highest Quest bound ``sum_d max(q_d * kmax_d, q_d * kmin_d)``
+    summed over the KV head's query heads. Fixed shapes for CUDA graphs.
+    """
+    return torch.ops.efficient_ops.select_pages(q, summary.kmin, summary.kmax, seq_lens, summary.page_size,
+                                                token_budget)
+
+
+def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                        page_indices: torch.Tensor, page_size: int, scale: Optional[float] = None,
+                        backend: Optional[str] = None) -> torch.Tensor:
+    """Decode attention over listed pages: query head h attends every position ``s < seq_lens[b]`` of the pages
+    ``page_indices[b, h // G]`` (-1 = unused slot) lists.
+
+    Args:
+        q: ``[B, Hq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels.
+        k_cache, v_cache: ``[B, Hkv, S_max, D]`` in q's dtype.
+        seq_lens: integer ``[B]``.
+        page_indices: int32 ``[B, Hkv, n_sel]`` (from :func:`select_pages`), distinct per row.
+        page_size: 16 or 64.
+        scale: default ``D ** -0.5``.
+        backend: "cuda", "triton" or "reference".
+
+    Returns:
+        ``[B, Hq, D]``; a head with no key gets zeros. Fixed shapes, CUDA-graph capturable.
+    """
+    return torch.ops.efficient_ops.paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale,
+                                                       backend)
+
+
+def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+                            summary: PageSummary, token_budget: int, scale: Optional[float] = None,
+                            backend: Optional[str] = None) -> torch.Tensor:
+    """Quest-style sparse decode: :func:`select_pages` then :func:`paged_sparse_decode`."""
+    pages = select_pages(q, summary, seq_lens, token_budget)
+    return paged_sparse_decode(q, k_cache, v_cache, seq_lens, pages, summary.page_size, scale, backend)
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
+                           scale: Optional[float] = None, return_lse: bool = False,
+                           backend: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """Attention over exactly the keys of the KV blocks ``mask`` selects.
+
+    Args:
+        q: ``[B, Hq, Sq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels
+            (256 on triton).
+        k, v: ``[B, Hkv, Skv, D]`` in q's dtype; Hq a multiple of Hkv (GQA).
+        mask: a :class:`BlockSparseMask` with ``q_len = Sq``, ``kv_len = Skv`` and batch/head dims 1, B or Hq.
+        scale: default ``D ** -0.5``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` of the scaled scores.
+        backend: "cuda", "triton" or "reference".
+
+    Returns:
+        ``[B, Hq, Sq, D]`` (and the lse). Query row i attends key j when j's block is selected for i's block,
+        and, when ``mask.causal``, ``j <= i + Skv - Sq``. A row with no key gets zeros and lse = -inf.
+    """
+    if not isinstance(mask, BlockSparseMask):
+        raise TypeError(f"mask: expected a BlockSparseMask, got {type(mask).__name__}")
+    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4 and \
+            (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"mask: built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q and k have "
+                         f"{q.shape[2]} and {k.shape[2]} positions")
+    out, lse = torch.ops.efficient_ops.block_sparse_attention(q, k, v, mask.kv_num_blocks, mask.kv_indices,
+                                                              mask.block_m, mask.block_n, mask.causal, scale, backend)
+    return (out, lse) if return_lse else out

@@ -1,12 +1,14 @@
-"""Ops of the speculative-decoding verification step (public API and semantics: :mod:`efficient_ops.speculative`).
+"""Ops of the speculative-decoding verification step and their public wrappers (tree helpers:
+:mod:`efficient_ops.formats.speculative`; the maths: :mod:`efficient_ops.reference.speculative`; kernels:
+``triton_kernels/speculative.py``, ``csrc/speculative/``).
 
 - ``tree_attention``: backends ``cuda``, ``triton`` (flash-decoding split over the prefix plus the masked
   T x T tree part, merged by log-sum-exp) and ``reference``.
 - ``merge_attention_states``: tensor code on any device.
 - ``verify_greedy``, ``verify_typical``: batched tensor code on any device (Python loops over tree depth
-  only). ``verify_sampling``: backend ``triton`` walks each batch row's tree in one program on the device;
-  ``reference`` runs batched tensor code (loops over tree depth and sibling rank). The reference module
-  walks each tree one node at a time.
+  only), in the reference module next to its one-node-at-a-time walks. ``verify_sampling``: backend
+  ``triton`` walks each batch row's tree in one program on the device; ``reference`` runs the batched
+  tensor code (loops over tree depth and sibling rank).
 - ``compact_kv``: in place, one launch for all layers; backends ``cuda``, ``triton``, ``reference``.
 
 Value checks that need the device's data (prefix lengths within the cache, tree parents, accepted paths)
@@ -14,13 +16,13 @@ run outside CUDA-graph capture; inside it only shapes are checked, and the kerne
 no input makes them access memory out of bounds.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from .. import backends
+from ..formats.speculative import tree_children, tree_depths, validate_parents
 from ..reference import speculative as reference
-from ..speculative import tree_depths, tree_mask, validate_parents
 from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
 
 KERNEL_HEAD_DIMS = (64, 128)
@@ -37,8 +39,6 @@ lib.define("verify_typical(Tensor tokens, Tensor parents, Tensor target_probs, f
            "float posterior_alpha=0.3) -> (Tensor, Tensor, Tensor)")
 lib.define("compact_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor prefix_lens, Tensor accepted_nodes, "
            "Tensor accept_len, str? backend=None) -> Tensor")
-
-
 
 
 def _check_int(t, name, shape=None):
@@ -205,47 +205,9 @@ def _check_verify(tokens, parents, probs, probs_name):
     return b, t, (parents if parents.dim() == 2 else parents[None]).long().expand(b, t)
 
 
-def _path_to(node, mask, depth, max_depth):
-    """accepted_nodes [B, max_depth + 1]: the root-to-``node`` path (ancestors sorted by depth), -1 padded."""
-    b, t = depth.shape
-    ancestors = mask[torch.arange(b, device=node.device), node]  # [B, T]
-    slots = torch.full((b, max_depth + 2), -1, dtype=torch.long, device=node.device)
-    nodes = torch.arange(t, device=node.device).expand(b, t)
-    slots.scatter_(1, torch.where(ancestors, depth, max_depth + 1), nodes)  # non-ancestors land in the extra column
-    return slots[:, : max_depth + 1]
-
-
-def _deepest(ok, depth):
-    """Per row, the deepest node where ``ok`` holds (the first in node order on ties); the root always is."""
-    t = ok.shape[1]
-    score = torch.where(ok, depth * t + (t - 1 - torch.arange(t, device=ok.device)), -1)
-    return score.argmax(1)
-
-
-def _accept_along_paths(passes, parents, first_only):
-    """The accepted node per row: the deepest whose every non-root ancestor-or-self passes. With
-    ``first_only`` a node also needs no earlier passing sibling (a walk that takes the first match)."""
-    t = parents.shape[1]
-    if first_only:
-        index = torch.arange(t, device=parents.device)
-        earlier_sibling = (parents[:, :, None] == parents[:, None, :]) & (index[None, :] < index[:, None])
-        passes = passes & ~(earlier_sibling & passes[:, None, :]).any(-1)
-    mask = tree_mask(parents)
-    passes = passes.clone()
-    passes[:, 0] = True
-    ok = ~(mask & ~passes[:, None, :]).any(-1)
-    depth = tree_depths(parents)
-    node = _deepest(ok, depth)
-    return node, _path_to(node, mask, depth, int(depth.max())), depth
-
-
 def _verify_greedy(tokens, parents, target_logits):
-    b, t, parents = _check_verify(tokens, parents, target_logits, "target_logits")
-    best = target_logits.argmax(-1)  # [B, T]: the target's token after each node
-    passes = tokens == best.gather(1, parents.clamp_min(0))
-    node, accepted, depth = _accept_along_paths(passes, parents, first_only=True)
-    rows = torch.arange(b, device=tokens.device)
-    return depth[rows, node], accepted, best[rows, node]
+    _, _, parents = _check_verify(tokens, parents, target_logits, "target_logits")
+    return reference.verify_greedy_batched(tokens, parents, target_logits)
 
 
 impl("verify_greedy", _verify_greedy)
@@ -260,75 +222,18 @@ def _verify_fake(tokens, parents, probs, *args, **kwargs):
 torch.library.register_fake("efficient_ops::verify_greedy")(_verify_fake)
 
 
-def _children_table(parents):
-    """[B, T, C]: node n's children in node order, -1 padded (C: the largest child count)."""
-    b, t = parents.shape
-    index = torch.arange(t, device=parents.device)
-    rank = ((parents[:, :, None] == parents[:, None, :]) & (index[None, :] < index[:, None])).sum(-1)
-    count = torch.zeros(b, t, dtype=torch.long, device=parents.device)
-    count.scatter_add_(1, parents[:, 1:], torch.ones_like(parents[:, 1:]))
-    table = torch.full((b, t, max(1, int(count.max()))), -1, dtype=torch.long, device=parents.device)
-    rows = torch.arange(b, device=parents.device)[:, None].expand(b, t - 1)
-    table[rows, parents[:, 1:], rank[:, 1:]] = index[1:].expand(b, t - 1)
-    return table
-
-
-def _normalized(p, fallback):
-    total = p.sum(-1, keepdim=True)
-    return torch.where(total > 0, p / torch.where(total > 0, total, 1.0), fallback)
-
-
-def sample_rows(p, u):
-    """Per row, the inverse-CDF draw from the non-negative weights ``p`` [B, V] with uniforms ``u`` [B]: the
-    first index whose cumulative weight exceeds ``u * sum``; never a zero-weight index."""
-    cdf = torch.cumsum(p, -1)
-    index = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(p.shape[1] - 1)
-    last = torch.where(p > 0, torch.arange(p.shape[1], device=p.device), -1).argmax(-1, keepdim=True)
-    return torch.where(p.gather(1, index) > 0, index, last)[:, 0]
-
-
 def verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final,
                                   backend="reference"):
     """The rejection rules with given uniforms (``u_accept`` [B, T]: node c's test; ``u_final`` [B]: the
     residual draw), so tests can compare exactly with the one-node-at-a-time reference. ``backend``
-    "triton" walks each row's tree in one Triton program; "reference" runs batched tensor code."""
-    b, t = tokens.shape
-    rows = torch.arange(b, device=tokens.device)
-    children = _children_table(parents)
-    depth = tree_depths(parents)
-    max_depth = int(depth.max())
-    if backend == "triton":
-        from ..triton_kernels import speculative as kernels  # imported on first use: Triton is optional
-        return kernels.verify_sampling(tokens.contiguous(), children, target_probs.contiguous(),
-                                       draft_probs.contiguous(), mode, u_accept, u_final, max_depth)
-    p = target_probs[:, 0].double()
-    q = draft_probs[:, 0].double()
-    node = torch.zeros(b, dtype=torch.long, device=tokens.device)
-    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-    for _ in range(max_depth):  # one tree level per step, every batch row at once
-        moved = torch.zeros_like(done)
-        for k in range(children.shape[2]):  # the current node's k-th child, tried in order
-            child = children[rows, node, k]
-            active = ~done & ~moved & (child >= 0)
-            c = child.clamp_min(0)
-            x = tokens[rows, c][:, None]
-            px, qx, u = p.gather(1, x)[:, 0], q.gather(1, x)[:, 0], u_accept[rows, c].double()
-            accept = active & (u * (p.sum(-1) if mode == "deterministic" else qx) < px)
-            reject = (active & ~accept)[:, None]
-            if mode == "deterministic":
-                p = torch.where(reject, _normalized(p.scatter(1, x, 0.0), p), p)
-            else:
-                p_residual = _normalized((p - q).clamp_min(0), p)
-                if mode == "without_replacement":
-                    q = torch.where(reject, _normalized(q.scatter(1, x, 0.0), q), q)
-                p = torch.where(reject, p_residual, p)
-            node = torch.where(accept, c, node)
-            p = torch.where(accept[:, None], target_probs[rows, c].double(), p)
-            q = torch.where(accept[:, None], draft_probs[rows, c].double(), q)
-            moved |= accept
-        done |= ~moved
-    mask = tree_mask(parents)
-    return depth[rows, node], _path_to(node, mask, depth, max_depth), sample_rows(p, u_final)
+    "triton" walks each row's tree in one Triton program; "reference" runs the batched tensor code of
+    :func:`efficient_ops.reference.speculative.verify_sampling_batched`. ``parents``: int64 ``[B, T]``."""
+    if backend != "triton":
+        return reference.verify_sampling_batched(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final)
+    from ..triton_kernels import speculative as kernels  # imported on first use: Triton is optional
+    max_depth = int(tree_depths(parents).max())
+    return kernels.verify_sampling(tokens.contiguous(), tree_children(parents), target_probs.contiguous(),
+                                   draft_probs.contiguous(), mode, u_accept, u_final, max_depth)
 
 
 def _verify_sampling_unsupported(backend) -> Optional[str]:
@@ -355,16 +260,8 @@ torch.library.register_fake("efficient_ops::verify_sampling")(_verify_fake)
 
 
 def _verify_typical(tokens, parents, target_probs, posterior_threshold=0.09, posterior_alpha=0.3):
-    b, t, parents = _check_verify(tokens, parents, target_probs, "target_probs")
-    p = target_probs.double()
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, T]
-    cutoff = torch.clamp_max(posterior_alpha * torch.exp(-entropy), posterior_threshold)
-    up = parents.clamp_min(0)
-    rows = torch.arange(b, device=tokens.device)[:, None]
-    passes = p[rows, up, tokens] > cutoff.gather(1, up)  # node c's token under its parent's distribution
-    node, accepted, depth = _accept_along_paths(passes, parents, first_only=False)
-    rows = rows[:, 0]
-    return depth[rows, node], accepted, p[rows, node].argmax(-1)
+    _, _, parents = _check_verify(tokens, parents, target_probs, "target_probs")
+    return reference.verify_typical_batched(tokens, parents, target_probs, posterior_threshold, posterior_alpha)
 
 
 impl("verify_typical", _verify_typical)
@@ -456,3 +353,116 @@ impl("compact_kv", _compact_kv)
 @torch.library.register_fake("efficient_ops::compact_kv")
 def _compact_kv_fake(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, backend=None):
     return torch.empty_like(prefix_lens)
+
+
+# ---------------------------------------------------------------------------------------------------- public wrappers
+
+def tree_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_lens: torch.Tensor,
+                   parents: torch.Tensor, scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Attention of a flattened draft tree over the committed prefix and the tree itself.
+
+    Args:
+        q: ``[B, Hq, T, D]``, the tree tokens' queries, float16/bfloat16 (any float dtype on the reference
+            backend); the kernels take D in 64, 128 and T <= 256.
+        k_cache, v_cache: ``[B, Hkv, S_max, D]`` in q's dtype, Hq a multiple of Hkv (GQA). Row b holds the
+            committed prefix at positions ``[0, prefix_lens[b])`` and the tree tokens' keys/values at
+            ``[prefix_lens[b], prefix_lens[b] + T)``.
+        prefix_lens: integer ``[B]``, ragged, 0 allowed, at most ``S_max - T``.
+        parents: ``[T]`` or ``[B, T]`` (see :mod:`efficient_ops.formats.speculative`).
+        scale: softmax scale, default ``D ** -0.5``.
+        backend: "cuda", "triton" or "reference"; default ``$EFFICIENT_OPS_BACKEND``, else the best available.
+
+    Returns:
+        ``[B, Hq, T, D]``: node i's attention over every prefix position and over its ancestors and itself.
+        Fixed shapes and no host synchronisation inside CUDA-graph capture (value checks run outside it).
+    """
+    return torch.ops.efficient_ops.tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, backend)
+
+
+def merge_attention_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor,
+                           lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention over the union of two disjoint key sets from the attention over each.
+
+    ``o_a``, ``o_b``: ``[..., D]`` (same shape and dtype); ``lse_a``, ``lse_b``: float32 ``[...]``, the natural-log
+    log-sum-exp of each side's scaled scores. Returns ``(o, lse)``, o in o_a's dtype (math in float32). A side
+    with lse = -inf (no keys) contributes nothing; both -inf give o = 0 and lse = -inf.
+    """
+    return torch.ops.efficient_ops.merge_attention_states(o_a, lse_a, o_b, lse_b)
+
+
+def verify_greedy(tokens: torch.Tensor, parents: torch.Tensor,
+                  target_logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy verification of a draft tree against the target's argmax.
+
+    Args:
+        tokens: int ``[B, T]``, each node's token (the root's is the last accepted token and is not checked).
+        parents: ``[T]`` or ``[B, T]``.
+        target_logits: ``[B, T, V]``; row i is the target's prediction for the child of node i.
+
+    Returns:
+        ``accept_len`` [B] (accepted draft nodes, root excluded), ``accepted_nodes`` [B, max_depth + 1] (the
+        accepted path's node indices from the root 0, padded with -1; max_depth is the tree's over the batch)
+        and ``next_token`` [B] (the argmax at the last accepted node). From the root, the walk takes the
+        first child (in node order) whose token is the argmax, until none is.
+    """
+    return torch.ops.efficient_ops.verify_greedy(tokens, parents, target_logits)
+
+
+def verify_sampling(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                    draft_probs: torch.Tensor, mode: str = "iid", generator: Optional[torch.Generator] = None,
+                    backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lossless stochastic verification: the emitted tokens (accepted drafts, then ``next_token``) are
+    distributed exactly as sampling from the target one token at a time.
+
+    Args:
+        tokens, parents: the draft tree (as :func:`verify_greedy`).
+        target_probs: ``[B, T, V]``, the target's distribution after each node. Apply temperature, top-k and
+            top-p to it *before* calling: the guarantee is with respect to the distribution given here.
+        draft_probs: ``[B, T, V]``, the distribution q_i node i's children were drawn from.
+        mode: how the children were drawn, which fixes the rule:
+            ``"iid"``: independently from q_i (SpecInfer): try children in order, accept child x with
+            probability min(1, p(x)/q(x)); on rejection p <- norm(max(0, p - q)), q unchanged.
+            ``"without_replacement"`` (Sequoia / RSD): as iid, but the rejected x is also removed from q and
+            q renormalised.
+            ``"deterministic"``: the children are q's top-k (EAGLE-2 style): accept x with probability
+            p(x) / sum(p); on rejection p(x) <- 0, renormalised. This rule never reads q, so it is lossless
+            whatever the children are.
+            When no child is accepted, ``next_token`` is drawn from the current residual p.
+        generator: for the uniforms (one per node tested, one for the final draw), drawn on the tokens' device.
+        backend: "triton" (each row's walk in one program on the device) or "reference" (batched PyTorch);
+            default the best available.
+
+    Returns:
+        ``(accept_len, accepted_nodes, next_token)`` as :func:`verify_greedy`.
+    """
+    return torch.ops.efficient_ops.verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator,
+                                                   backend)
+
+
+def verify_typical(tokens: torch.Tensor, parents: torch.Tensor, target_probs: torch.Tensor,
+                   posterior_threshold: float = 0.09,
+                   posterior_alpha: float = 0.3) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Medusa's typical acceptance (lossy): node c passes when its token's probability under its parent's
+    target distribution exceeds ``min(posterior_threshold, posterior_alpha * exp(-entropy))``. The deepest node
+    whose whole path passes is accepted (the first in node order on ties) and ``next_token`` is the argmax
+    there. Same outputs as :func:`verify_greedy`; ``target_probs`` [B, T, V] after temperature.
+    """
+    return torch.ops.efficient_ops.verify_typical(tokens, parents, target_probs, posterior_threshold, posterior_alpha)
+
+
+def compact_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, prefix_lens: torch.Tensor,
+               accepted_nodes: torch.Tensor, accept_len: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    """Move the accepted path's keys and values (root included) from their tree slots
+    ``prefix_len + node`` to the contiguous slots ``prefix_len + 0, 1, ..., accept_len``, in place.
+
+    Args:
+        k_cache, v_cache: ``[B, Hkv, S_max, D]`` or every layer stacked, ``[L, B, Hkv, S_max, D]`` (one launch).
+        prefix_lens: integer ``[B]``, the committed lengths before the tree.
+        accepted_nodes, accept_len: as returned by the verify functions.
+        backend: "cuda", "triton" or "reference".
+
+    Returns:
+        The new prefix lengths ``prefix_lens + accept_len + 1``. Overlapping moves (path [0, 2, 5] reads slot 2
+        while slot 2 is written) are race-free. Fixed shapes, capturable in a CUDA graph.
+    """
+    return torch.ops.efficient_ops.compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, backend)

@@ -1,5 +1,7 @@
-"""Reference block-sparse attention and paged decode: dense attention with the mask written out per element,
-in float32 (float64 for float64 inputs). Inputs are validated by the ops."""
+"""Reference block-sparse attention, paged decode and page selection: dense attention with the mask written out
+per element, in float32 (float64 for float64 inputs), and Quest's page selection one (row, KV head, page) at
+a time. :func:`select_pages_batched` is the tensor code the ``select_pages`` op runs on every device (it has
+no kernel); the tests compare it with :func:`select_pages`. Inputs are validated by the ops."""
 
 from typing import Tuple
 
@@ -80,3 +82,20 @@ def select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
             kept = sorted(forced + rest[: n_sel - len(forced)])
             out[row, h, : len(kept)] = torch.tensor(kept, dtype=torch.int32)
     return out.to(q.device)
+
+
+def select_pages_batched(q, kmin, kmax, seq_lens, page_size, token_budget):
+    """:func:`select_pages` as batched tensor code: fixed shapes, no host synchronisation (CUDA-graph safe)."""
+    b, hq, d = q.shape
+    hkv, n_pages = kmin.shape[1], kmin.shape[2]
+    n_sel = min(max(2, token_budget // page_size), n_pages)
+    qg = q.float().view(b, hkv, hq // hkv, 1, d)
+    scores = torch.maximum(qg * kmax.float()[:, :, None], qg * kmin.float()[:, :, None]).sum((2, 4))
+    n_valid = torch.div(seq_lens.long() + page_size - 1, page_size, rounding_mode="floor")
+    page = torch.arange(n_pages, device=q.device)
+    forced = (page[None, :] == 0) | (page[None, :] == n_valid[:, None] - 1)
+    scores = torch.where(forced[:, None], float("inf"), scores)
+    scores = torch.where((page[None, :] < n_valid[:, None])[:, None], scores, float("-inf"))
+    best = scores.topk(n_sel, -1)
+    chosen = torch.where(best.values == float("-inf"), n_pages, best.indices).sort(-1).values
+    return torch.where(chosen == n_pages, -1, chosen).to(torch.int32)

@@ -1,12 +1,15 @@
 """Reference tree attention, attention-state merging, verification and KV compaction: the specification of
 the ops in :mod:`efficient_ops.ops.speculative`, written for clarity (loops over batch rows and tree
-walks), computed in float32 (float64 for float64 inputs). Inputs are validated by the ops."""
+walks), computed in float32 (float64 for float64 inputs). Inputs are validated by the ops.
+
+The verification ops also have batched tensor versions here (``*_batched``: loops over tree depth only,
+any device): what the ``reference`` backend of those ops runs. Tests compare them with the tree walks."""
 
 from typing import List, Tuple
 
 import torch
 
-from ..speculative import tree_depths, tree_mask
+from ..formats.speculative import tree_children, tree_depths, tree_mask
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -182,3 +185,114 @@ def compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len) -> tor
         for cache in (ks, vs):
             cache[:, b, :, start : start + n] = cache[:, b, :, src].clone()
     return prefix_lens + accept_len.to(prefix_lens.dtype) + 1
+
+
+# ---------------------------------------------------------------------------------------------------- batched
+# The verification ops' batched tensor code; ``parents`` is int64 [B, T] (validated and expanded by the op).
+
+def _path_to(node, mask, depth, max_depth):
+    """accepted_nodes [B, max_depth + 1]: the root-to-``node`` path (ancestors sorted by depth), -1 padded."""
+    b, t = depth.shape
+    ancestors = mask[torch.arange(b, device=node.device), node]  # [B, T]
+    slots = torch.full((b, max_depth + 2), -1, dtype=torch.long, device=node.device)
+    nodes = torch.arange(t, device=node.device).expand(b, t)
+    slots.scatter_(1, torch.where(ancestors, depth, max_depth + 1), nodes)  # non-ancestors land in the extra column
+    return slots[:, : max_depth + 1]
+
+
+def _deepest(ok, depth):
+    """Per row, the deepest node where ``ok`` holds (the first in node order on ties); the root always is."""
+    t = ok.shape[1]
+    score = torch.where(ok, depth * t + (t - 1 - torch.arange(t, device=ok.device)), -1)
+    return score.argmax(1)
+
+
+def _accept_along_paths(passes, parents, first_only):
+    """The accepted node per row: the deepest whose every non-root ancestor-or-self passes. With
+    ``first_only`` a node also needs no earlier passing sibling (a walk that takes the first match)."""
+    t = parents.shape[1]
+    if first_only:
+        index = torch.arange(t, device=parents.device)
+        earlier_sibling = (parents[:, :, None] == parents[:, None, :]) & (index[None, :] < index[:, None])
+        passes = passes & ~(earlier_sibling & passes[:, None, :]).any(-1)
+    mask = tree_mask(parents)
+    passes = passes.clone()
+    passes[:, 0] = True
+    ok = ~(mask & ~passes[:, None, :]).any(-1)
+    depth = tree_depths(parents)
+    node = _deepest(ok, depth)
+    return node, _path_to(node, mask, depth, int(depth.max())), depth
+
+
+def verify_greedy_batched(tokens, parents, target_logits):
+    """:func:`verify_greedy` for every batch row and node at once."""
+    b = tokens.shape[0]
+    best = target_logits.argmax(-1)  # [B, T]: the target's token after each node
+    passes = tokens == best.gather(1, parents.clamp_min(0))
+    node, accepted, depth = _accept_along_paths(passes, parents, first_only=True)
+    rows = torch.arange(b, device=tokens.device)
+    return depth[rows, node], accepted, best[rows, node]
+
+
+def verify_typical_batched(tokens, parents, target_probs, posterior_threshold: float, posterior_alpha: float):
+    """:func:`verify_typical` for every batch row and node at once."""
+    b = tokens.shape[0]
+    p = target_probs.double()
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)  # [B, T]
+    cutoff = torch.clamp_max(posterior_alpha * torch.exp(-entropy), posterior_threshold)
+    up = parents.clamp_min(0)
+    rows = torch.arange(b, device=tokens.device)[:, None]
+    passes = p[rows, up, tokens] > cutoff.gather(1, up)  # node c's token under its parent's distribution
+    node, accepted, depth = _accept_along_paths(passes, parents, first_only=False)
+    rows = rows[:, 0]
+    return depth[rows, node], accepted, p[rows, node].argmax(-1)
+
+
+def _normalized_rows(p, fallback):
+    total = p.sum(-1, keepdim=True)
+    return torch.where(total > 0, p / torch.where(total > 0, total, 1.0), fallback)
+
+
+def sample_rows(p, u):
+    """:func:`sample_from` per row: ``p`` [B, V] non-negative weights, ``u`` [B] uniforms."""
+    cdf = torch.cumsum(p, -1)
+    index = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True).clamp_max(p.shape[1] - 1)
+    last = torch.where(p > 0, torch.arange(p.shape[1], device=p.device), -1).argmax(-1, keepdim=True)
+    return torch.where(p.gather(1, index) > 0, index, last)[:, 0]
+
+
+def verify_sampling_batched(tokens, parents, target_probs, draft_probs, mode: str, u_accept, u_final):
+    """:func:`verify_sampling` for every batch row at once: one tree level per step, the current node's
+    children tried in order (``u_accept`` [B, T]: node c's test; ``u_final`` [B]: the residual draw)."""
+    b = tokens.shape[0]
+    rows = torch.arange(b, device=tokens.device)
+    children = tree_children(parents)
+    depth = tree_depths(parents)
+    max_depth = int(depth.max())
+    p = target_probs[:, 0].double()
+    q = draft_probs[:, 0].double()
+    node = torch.zeros(b, dtype=torch.long, device=tokens.device)
+    done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+    for _ in range(max_depth):  # one tree level per step, every batch row at once
+        moved = torch.zeros_like(done)
+        for k in range(children.shape[2]):  # the current node's k-th child, tried in order
+            child = children[rows, node, k]
+            active = ~done & ~moved & (child >= 0)
+            c = child.clamp_min(0)
+            x = tokens[rows, c][:, None]
+            px, qx, u = p.gather(1, x)[:, 0], q.gather(1, x)[:, 0], u_accept[rows, c].double()
+            accept = active & (u * (p.sum(-1) if mode == "deterministic" else qx) < px)
+            reject = (active & ~accept)[:, None]
+            if mode == "deterministic":
+                p = torch.where(reject, _normalized_rows(p.scatter(1, x, 0.0), p), p)
+            else:
+                p_residual = _normalized_rows((p - q).clamp_min(0), p)
+                if mode == "without_replacement":
+                    q = torch.where(reject, _normalized_rows(q.scatter(1, x, 0.0), q), q)
+                p = torch.where(reject, p_residual, p)
+            node = torch.where(accept, c, node)
+            p = torch.where(accept[:, None], target_probs[rows, c].double(), p)
+            q = torch.where(accept[:, None], draft_probs[rows, c].double(), q)
+            moved |= accept
+        done |= ~moved
+    return depth[rows, node], _path_to(node, tree_mask(parents), depth, max_depth), sample_rows(p, u_final)

@@ -1,7 +1,9 @@
-"""Block-sparse prefill attention, the seed papers' sparsity patterns as mask builders, and page-selecting
-sparse decode.
+"""Sparse-attention domain types (``sparse_attention`` family): block masks, the seed papers' sparsity patterns
+as mask builders, and the page summaries of page-selecting sparse decode. Plain PyTorch; the ops that consume
+them (``block_sparse_attention``, ``select_pages``, ``paged_sparse_decode``, ``sparse_decode_attention``) are in
+:mod:`efficient_ops.ops.sparse_attention`.
 
-Prefill: one block-sparse kernel (:func:`block_sparse_attention`) runs every pattern. A
+Prefill: one block-sparse kernel (``block_sparse_attention``) runs every pattern. A
 :class:`BlockSparseMask` lists, for each (batch, head, query block), the KV blocks to attend, in
 FlexAttention's forward layout. The patterns build such masks:
 
@@ -13,9 +15,9 @@ FlexAttention's forward layout. The patterns build such masks:
 - :func:`topk_blocks`: generic top fraction of mean-pooled block scores.
 
 Decode: a :class:`PageSummary` keeps each page's elementwise key min and max (Quest / LServe);
-:func:`select_pages` scores pages by ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` and keeps the best within a
-token budget plus the first and the newest page; :func:`paged_sparse_decode` attends over an explicit page
-list; :func:`sparse_decode_attention` does both.
+``select_pages`` scores pages by ``sum_d max(q_d * kmax_d, q_d * kmin_d)`` and keeps the best within a
+token budget plus the first and the newest page; ``paged_sparse_decode`` attends over an explicit page
+list; ``sparse_decode_attention`` does both.
 
 The KV cache is contiguous: ``[B, Hkv, S_max, D]`` with ``seq_lens`` [B].
 """
@@ -23,7 +25,7 @@ The KV cache is contiguous: ``[B, Hkv, S_max, D]`` with ``seq_lens`` [B].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,51 @@ def _blocks(n: int, size: int) -> int:
 def _check_block_size(value, name):
     if value not in BLOCK_SIZES:
         raise ValueError(f"{name}: must be one of {BLOCK_SIZES}, got {value!r}")
+
+
+def validate_block_mask(kv_num_blocks, kv_indices, block_m: int, block_n: int, q_len: int, kv_len: int,
+                        batch: Optional[int] = None, heads: Optional[int] = None, device=None,
+                        values: bool = False) -> None:
+    """Check a block mask in FlexAttention's forward layout (see :class:`BlockSparseMask`), naming the argument.
+
+    The structure always: block sizes, int32 tensors ``[B|1, H|1, Mq]`` and ``[B|1, H|1, Mq, Nk]`` with
+    ``Mq = ceil(q_len / block_m)``, ``Nk = ceil(kv_len / block_n)``, on one device (``device`` when given).
+    With ``batch`` / ``heads`` the broadcast dims must be 1 or those. With ``values`` also the entries (this reads
+    the device's data, so callers skip it inside CUDA-graph capture): counts in ``[0, Nk]``, listed indices in
+    ``[0, Nk)`` and distinct per query block.
+    """
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
+    if q_len < 0 or kv_len < 0:
+        raise ValueError(f"q_len, kv_len: must be non-negative, got {q_len}, {kv_len}")
+    mq, nk = _blocks(q_len, block_m), _blocks(kv_len, block_n)
+    for name, t, dims in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
+            raise ValueError(f"{name}: expected an int32 tensor with {dims} dimensions, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+        want = kv_num_blocks.device if device is None else device
+        if t.device != want:
+            raise ValueError(f"{name}: on {t.device}, but {'kv_num_blocks' if device is None else 'q'} is on {want}")
+    bm, hm = kv_num_blocks.shape[:2]
+    if kv_num_blocks.shape[2] != mq or (batch is not None and bm not in (1, batch)) or \
+            (heads is not None and hm not in (1, heads)):
+        dims = f"1|{'B' if batch is None else batch}, 1|{'H' if heads is None else heads}"
+        raise ValueError(f"kv_num_blocks: expected [{dims}, Mq={mq}] for q_len={q_len}, block_m={block_m}, got "
+                         f"{list(kv_num_blocks.shape)}")
+    if kv_indices.shape != (bm, hm, mq, nk):
+        raise ValueError(f"kv_indices: expected [{bm}, {hm}, {mq}, Nk={nk}] for kv_len={kv_len}, block_n={block_n}, "
+                         f"got {list(kv_indices.shape)}")
+    if not values or kv_indices.numel() == 0:
+        return
+    if ((kv_num_blocks < 0) | (kv_num_blocks > nk)).any():
+        raise ValueError(f"kv_num_blocks: every entry must be in [0, Nk = {nk}]")
+    listed = torch.arange(nk, device=kv_indices.device) < kv_num_blocks[..., None]
+    if (listed & ((kv_indices < 0) | (kv_indices >= nk))).any():
+        raise ValueError(f"kv_indices: listed block indices must be in [0, Nk = {nk})")
+    unlisted = nk + torch.arange(nk, device=kv_indices.device, dtype=torch.int32)  # distinct fillers, sorted last
+    ordered = torch.where(listed, kv_indices, unlisted).sort(-1).values
+    if (ordered[..., 1:] == ordered[..., :-1]).any():
+        raise ValueError("kv_indices: a query block lists the same KV block twice")
 
 
 @dataclass(frozen=True)
@@ -65,23 +112,7 @@ class BlockSparseMask:
     causal: bool = False
 
     def __post_init__(self):
-        _check_block_size(self.block_m, "block_m")
-        _check_block_size(self.block_n, "block_n")
-        if self.q_len < 0 or self.kv_len < 0:
-            raise ValueError(f"q_len, kv_len: must be non-negative, got {self.q_len}, {self.kv_len}")
-        mq, nk = _blocks(self.q_len, self.block_m), _blocks(self.kv_len, self.block_n)
-        for name, t, dims in (("kv_num_blocks", self.kv_num_blocks, 3), ("kv_indices", self.kv_indices, 4)):
-            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != dims:
-                raise ValueError(f"{name}: expected an int32 tensor with {dims} dimensions, got "
-                                 f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
-        if self.kv_num_blocks.shape[2] != mq:
-            raise ValueError(f"kv_num_blocks: expected Mq = ceil(q_len / block_m) = {mq} query blocks, got "
-                             f"{list(self.kv_num_blocks.shape)}")
-        if self.kv_indices.shape != (*self.kv_num_blocks.shape, nk):
-            raise ValueError(f"kv_indices: expected shape {[*self.kv_num_blocks.shape, nk]} (Nk = ceil(kv_len / "
-                             f"block_n)), got {list(self.kv_indices.shape)}")
-        if self.kv_indices.device != self.kv_num_blocks.device:
-            raise ValueError("kv_indices: on a different device than kv_num_blocks")
+        validate_block_mask(self.kv_num_blocks, self.kv_indices, self.block_m, self.block_n, self.q_len, self.kv_len)
 
     @property
     def shape(self) -> Tuple[int, int, int, int]:
@@ -468,81 +499,3 @@ class PageSummary:
         self.kmin.scatter_(2, scatter, torch.where(any_valid, kmin, 0))
         self.kmax.scatter_(2, scatter, torch.where(any_valid, kmax, 0))
         self.seq_lens.copy_(seq_lens)  # in place: a captured graph keeps reading the same tensor
-
-
-def page_scores(q: torch.Tensor, summary: PageSummary) -> torch.Tensor:
-    """Quest's upper bound per page and KV head, summed over the head's query group: float32 ``[B, Hkv, n_pages]``."""
-    b, hq, d = q.shape
-    hkv = summary.kmin.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, 1, d)
-    bound = torch.maximum(qg * summary.kmax.float()[:, :, None], qg * summary.kmin.float()[:, :, None])
-    return bound.sum((2, 4))
-
-
-def select_pages(q: torch.Tensor, summary: PageSummary, seq_lens: torch.Tensor, token_budget: int) -> torch.Tensor:
-    """The pages each KV head attends: int32 ``[B, Hkv, n_sel]``, increasing, -1 padded.
-
-    ``n_sel = max(2, token_budget // page_size)`` (capped at the page count): always the first (sink) page and
-    the newest page, then the best-scoring others (:func:`page_scores`). Fixed shapes for CUDA graphs.
-    """
-    return torch.ops.efficient_ops.select_pages(q, summary.kmin, summary.kmax, seq_lens, summary.page_size,
-                                                token_budget)
-
-
-def paged_sparse_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                        page_indices: torch.Tensor, page_size: int, scale: Optional[float] = None,
-                        backend: Optional[str] = None) -> torch.Tensor:
-    """Decode attention over listed pages: query head h attends every position ``s < seq_lens[b]`` of the pages
-    ``page_indices[b, h // G]`` (-1 = unused slot) lists.
-
-    Args:
-        q: ``[B, Hq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels.
-        k_cache, v_cache: ``[B, Hkv, S_max, D]`` in q's dtype.
-        seq_lens: integer ``[B]``.
-        page_indices: int32 ``[B, Hkv, n_sel]`` (from :func:`select_pages`), distinct per row.
-        page_size: 16 or 64.
-        scale: default ``D ** -0.5``.
-        backend: "cuda", "triton" or "reference".
-
-    Returns:
-        ``[B, Hq, D]``; a head with no key gets zeros. Fixed shapes, CUDA-graph capturable.
-    """
-    return torch.ops.efficient_ops.paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale,
-                                                       backend)
-
-
-def sparse_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
-                            summary: PageSummary, token_budget: int, scale: Optional[float] = None,
-                            backend: Optional[str] = None) -> torch.Tensor:
-    """Quest-style sparse decode: :func:`select_pages` then :func:`paged_sparse_decode`."""
-    pages = select_pages(q, summary, seq_lens, token_budget)
-    return paged_sparse_decode(q, k_cache, v_cache, seq_lens, pages, summary.page_size, scale, backend)
-
-
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockSparseMask,
-                           scale: Optional[float] = None, return_lse: bool = False,
-                           backend: Optional[str] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """Attention over exactly the keys of the KV blocks ``mask`` selects.
-
-    Args:
-        q: ``[B, Hq, Sq, D]`` float16/bfloat16 (any float on the reference backend); D in 64, 128 on the kernels
-            (256 on triton).
-        k, v: ``[B, Hkv, Skv, D]`` in q's dtype; Hq a multiple of Hkv (GQA).
-        mask: a :class:`BlockSparseMask` with ``q_len = Sq``, ``kv_len = Skv`` and batch/head dims 1, B or Hq.
-        scale: default ``D ** -0.5``.
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, Sq]`` of the scaled scores.
-        backend: "cuda", "triton" or "reference".
-
-    Returns:
-        ``[B, Hq, Sq, D]`` (and the lse). Query row i attends key j when j's block is selected for i's block,
-        and, when ``mask.causal``, ``j <= i + Skv - Sq``. A row with no key gets zeros and lse = -inf.
-    """
-    if not isinstance(mask, BlockSparseMask):
-        raise TypeError(f"mask: expected a BlockSparseMask, got {type(mask).__name__}")
-    if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4 and \
-            (mask.q_len, mask.kv_len) != (q.shape[2], k.shape[2]):
-        raise ValueError(f"mask: built for q_len={mask.q_len}, kv_len={mask.kv_len}, but q and k have "
-                         f"{q.shape[2]} and {k.shape[2]} positions")
-    out, lse = torch.ops.efficient_ops.block_sparse_attention(q, k, v, mask.kv_num_blocks, mask.kv_indices,
-                                                              mask.block_m, mask.block_n, mask.causal, scale, backend)
-    return (out, lse) if return_lse else out

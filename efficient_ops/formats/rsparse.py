@@ -1,4 +1,4 @@
-"""R-Sparse: rank-aware activation sparsity for a linear layer, and its calibration.
+"""R-Sparse weights (``rsparse`` family): rank-aware activation sparsity for a linear layer, and its calibration.
 
 A linear layer ``y = W x`` (``W`` is ``[out, in]``) becomes
 
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_ALPHAS = tuple(i / 10 for i in range(11))
 MAX_SEARCH_ROWS = 4096  # rows of the calibration inputs the alpha search evaluates
 
@@ -149,14 +148,15 @@ def threshold_for(scores: torch.Tensor, channels: int, in_features: int) -> floa
     return float(torch.kthvalue(flat.cpu(), at_or_below).values)
 
 
-def _mask(x: torch.Tensor, col_norms: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The active-channel mask, computed exactly as the kernels do (float32 product and compare)."""
+def active_mask(x: torch.Tensor, col_norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The active-channel mask ``|x| * col_norms > threshold``, computed exactly as every backend does (float32
+    product and compare)."""
     return x.float().abs() * col_norms.float() > torch.tensor(threshold, dtype=torch.float32)
 
 
 def _apply(x, w, u_s, v_r, col_norms, threshold):
     """The R-Sparse output of float32/float64 ``x`` [rows, in] with dense factors (for calibration)."""
-    m = _mask(x, col_norms, threshold).to(x.dtype)
+    m = active_mask(x, col_norms, threshold).to(x.dtype)
     return (x * m) @ w.T + ((x * (1 - m)) @ v_r) @ u_s.T
 
 

@@ -1,4 +1,4 @@
-"""Weight quantization and the packed low-bit formats.
+"""The packed low-bit weight formats (``lowbit`` family): layouts, quantizers, packing and dequantization.
 
 Every format dequantizes the same way, so one kernel family serves them all:
 
@@ -519,13 +519,9 @@ def quantize_weight_mixed(w: torch.Tensor, salient_channels: Sequence[int], sali
 
 def dequantize_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: float,
                       group_size: int, in_features: int) -> torch.Tensor:
-    """``(q - zero) * scale`` in float32, shape ``[N, in_features]`` (padding dropped)."""
+    """``(q - zero) * scale`` in float32, shape ``[N, in_features]`` (padding dropped): what the packed
+    weight means (the module docstring), and the formula every low-bit kernel is tested against."""
     validate_packed(qweight, scales, zeros, bits, group_size, in_features)
-    return _dequantize(qweight, scales, zeros, bits, group_size, in_features)
-
-
-def _dequantize(qweight, scales, zeros, bits, group_size, in_features):
-    """:func:`dequantize_packed` without the checks, for callers that have validated already."""
     group = effective_group_size(group_size, in_features, bits)
     q = unpack_levels(qweight, bits).float()
     k_pad = q.shape[1]
@@ -534,12 +530,17 @@ def _dequantize(qweight, scales, zeros, bits, group_size, in_features):
     return ((q - z) * s)[:, :in_features]
 
 
-def _dequantize_mixed(perm, qweight_a, scales_a, zeros_a, bits_a, group_a, qweight_b, scales_b, zeros_b,
-                      bits_b, group_b, salient_features):
-    """The dense float32 ``[N, K]`` weight of a mixed layout (inputs already validated)."""
-    k = perm.numel()
-    wa = _dequantize(qweight_a, scales_a, zeros_a, bits_a, group_a, salient_features)
-    wb = _dequantize(qweight_b, scales_b, zeros_b, bits_b, group_b, k - salient_features)
+def dequantize_mixed(perm: torch.Tensor, qweight_a: torch.Tensor, scales_a: torch.Tensor, zeros_a: torch.Tensor,
+                     bits_a: float, group_size_a: int, qweight_b: torch.Tensor, scales_b: torch.Tensor,
+                     zeros_b: torch.Tensor, bits_b: float, group_size_b: int, salient_features: int) -> torch.Tensor:
+    """The dense float32 ``[N, K]`` weight of a mixed layout: part A (the salient columns ``perm[:S]``) and
+    part B (the columns ``perm[S:]``), each dequantized by :func:`dequantize_packed`."""
+    k = perm.numel() if isinstance(perm, torch.Tensor) else -1
+    validate_perm(perm, salient_features, k)
+    wa = dequantize_packed(qweight_a, scales_a, zeros_a, bits_a, group_size_a, salient_features)
+    wb = dequantize_packed(qweight_b, scales_b, zeros_b, bits_b, group_size_b, k - salient_features)
+    if wb.shape[0] != wa.shape[0]:
+        raise ValueError(f"qweight_b: {wb.shape[0]} rows, but qweight_a has {wa.shape[0]}")
     w = torch.empty(wa.shape[0], k, dtype=torch.float32, device=wa.device)
     w[:, perm.long()] = torch.cat([wa, wb], dim=1)
     return w
@@ -550,8 +551,8 @@ def dequantize_weight(qw: Union[QuantizedWeight, MixedQuantizedWeight], dtype: O
     if isinstance(qw, MixedQuantizedWeight):
         qw.validate()
         a, b = qw.salient, qw.rest
-        w = _dequantize_mixed(qw.perm, a.qweight, a.scales, a.zeros, a.bits, a.group_size, b.qweight, b.scales,
-                              b.zeros, b.bits, b.group_size, a.in_features)
+        w = dequantize_mixed(qw.perm, a.qweight, a.scales, a.zeros, a.bits, a.group_size, b.qweight, b.scales,
+                             b.zeros, b.bits, b.group_size, a.in_features)
     else:
         w = dequantize_packed(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group_size, qw.in_features)
     return w.to(dtype or qw.dtype)
