@@ -12,7 +12,7 @@ from . import backends, formats, nn, ops  # noqa: F401
 from .formats.lowbit import (FORMATS, MixedQuantizedWeight, QuantizedWeight, dequantize_packed, dequantize_weight,
                              pack_levels, quantize_weight, quantize_weight_mixed, select_salient_channels,
                              unpack_levels)
-from .formats.rsparse import RSparseWeights
+from .formats.rsparse import RSparseWeights, calibrate
 from .formats.sparse_attention import (BlockSparseMask, PageSummary, anchor, centroid_select, kmeans_keys, streaming,
                                        topk_blocks, vertical_slash)
 from .formats.speculative import tree_depths, tree_mask, tree_paths, tree_positions, validate_parents
@@ -28,7 +28,7 @@ __all__ = [
     "quantize_weight_mixed", "select_salient_channels", "dequantize_weight", "dequantize_packed", "pack_levels",
     "unpack_levels",
     # R-Sparse
-    "rsparse_linear", "RSparseWeights",
+    "rsparse_linear", "RSparseWeights", "calibrate",
     # sparse attention
     "block_sparse_attention", "BlockSparseMask", "streaming", "vertical_slash", "anchor", "kmeans_keys",
     "centroid_select", "topk_blocks", "PageSummary", "select_pages", "paged_sparse_decode", "sparse_decode_attention",

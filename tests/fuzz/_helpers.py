@@ -60,4 +60,4 @@ def generator(seed: int) -> torch.Generator:
 
 
 # R-Sparse calibration's public name (the package layout is being reshaped; this is the one place that knows)
-calibrate = getattr(eo, "calibrate", None) or eo.rsparse.calibrate
+calibrate = eo.calibrate

@@ -30,7 +30,7 @@ from torch import nn
 import efficient_ops as eo
 from efficient_ops.backends import BackendUnavailableError
 
-calibrate = getattr(eo, "calibrate", None) or eo.rsparse.calibrate  # R-Sparse calibration's public name
+calibrate = eo.calibrate  # R-Sparse calibration's public name
 
 NAN, INF = float("nan"), float("inf")
 ERRORS = (TypeError, ValueError)
