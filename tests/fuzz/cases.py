@@ -793,7 +793,7 @@ def _rsparse_half():
 
 
 case(NN, "RSparseLinear.half()", _rsparse_half,
-     check=lambda r: rel(r[0], _rs_formula(r[1].weights, XR.half())) <= 2e-3)
+     check=lambda r: rel(r[0], _rs_formula(r[1].weights, XR.half(), r[1].bias)) <= 2e-3)
 
 
 def _rsparse_to_double():
@@ -802,7 +802,7 @@ def _rsparse_to_double():
 
 
 case(NN, "RSparseLinear.double()", _rsparse_to_double,
-     check=lambda r: rel(r[0], _rs_formula(r[1].weights, XR.double())) <= 1e-6)
+     check=lambda r: rel(r[0], _rs_formula(r[1].weights, XR.double(), r[1].bias)) <= 1e-6)
 
 
 def _quantlinear_bf16():
