@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import efficient_ops as eo
@@ -211,6 +211,7 @@ BAD = ["tokens_float", "tokens_range", "parents_order", "probs_shape", "probs_sc
 @given(kind=st.sampled_from(BAD), parents=trees(6), seed=seeds)
 def test_verify_bad_inputs_rejected(kind, parents, seed):
     t = parents.numel()
+    assume(kind != "draft_scaled" or t > 1)  # draft rows are read only at nodes with children
     g = generator(seed)
     tokens = torch.randint(0, 5, (2, t), generator=g)
     p = torch.softmax(randn((2, t, 5), torch.float32, g), -1)
@@ -226,7 +227,7 @@ def test_verify_bad_inputs_rejected(kind, parents, seed):
         parents = torch.cat([parents, torch.tensor([t + 1])])
         tokens, p, q = (torch.cat([x, x[:, :1]], 1) for x in (tokens, p, q))
     elif kind == "probs_shape":
-        p = p[:, :, :4]
+        p = p[:1]
     elif kind == "probs_scaled":
         p = p * 2
     elif kind == "probs_negative":
