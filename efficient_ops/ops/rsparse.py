@@ -46,8 +46,9 @@ def _unsupported(backend: str, m: int, x: torch.Tensor) -> Optional[str]:
         return None
     if x.dtype not in KERNEL_DTYPES:
         return f"the {backend} backend of rsparse_linear needs float16/bfloat16 (got {x.dtype})"
-    if interpreter_unsupported(backend, x):
-        return interpreter_unsupported(backend, x)
+    reason = interpreter_unsupported(backend, x)
+    if reason:
+        return reason
     if backend == "cuda" and m > CUDA_MAX_M:
         return (f"the cuda backend of rsparse_linear is the decode kernel for M <= {CUDA_MAX_M} rows (got M={m}); "
                 "use backend='triton' for larger M")

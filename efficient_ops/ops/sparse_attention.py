@@ -56,15 +56,13 @@ def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
         return None
     if q.dtype not in KERNEL_DTYPES:
         return f"the {backend} backend of {op} needs float16/bfloat16 (got {q.dtype})"
-    if interpreter_unsupported(backend, q):
-        return interpreter_unsupported(backend, q)
     dims = KERNEL_HEAD_DIMS[backend] if op == "block_sparse_attention" else KERNEL_HEAD_DIMS["cuda"]
     if q.shape[-1] not in dims:
         return f"the {backend} backend of {op} needs head_dim in {dims} (got {q.shape[-1]})"
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             return f"the {backend} backend of {op} needs {name}'s last dimension contiguous"
-    return None
+    return interpreter_unsupported(backend, q)
 
 
 # ---------------------------------------------------------------------------------------------------- prefill

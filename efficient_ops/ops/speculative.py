@@ -105,8 +105,6 @@ def _tree_attention_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
         return None
     if q.dtype not in KERNEL_DTYPES:
         return f"the {backend} backend of tree_attention needs float16/bfloat16 (got {q.dtype})"
-    if interpreter_unsupported(backend, q):
-        return interpreter_unsupported(backend, q)
     if q.shape[-1] not in KERNEL_HEAD_DIMS:
         return f"the {backend} backend of tree_attention needs head_dim in {KERNEL_HEAD_DIMS} (got {q.shape[-1]})"
     if q.shape[2] > KERNEL_MAX_TREE:
@@ -115,7 +113,7 @@ def _tree_attention_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             return f"the {backend} backend of tree_attention needs {name}'s last dimension contiguous"
-    return None
+    return interpreter_unsupported(backend, q)
 
 
 def _run_tree_attention_cuda(q, k_cache, v_cache, prefix_lens, parents, scale):
