@@ -59,10 +59,18 @@ py::dict build_info() {
   return info;
 }
 
-DType parse_dtype(const std::string& name, const char* arg) {
+// Each binding below does the same four things once: convert the Python ints to typed pointers and parse
+// the names (ptr, parse_dtype, parse_format), fill the kernel's Args struct, then check_and_launch.
+
+template <typename T>
+T* ptr(uintptr_t p) {  // a raw device pointer from Python; 0 -> nullptr
+  return reinterpret_cast<T*>(p);
+}
+
+DType parse_dtype(const char* op, const std::string& name, const char* arg) {
   if (name == "float16") return DType::kFloat16;
   if (name == "bfloat16") return DType::kBFloat16;
-  throw py::value_error(std::string(arg) + " must be 'float16' or 'bfloat16', got '" + name + "'");
+  throw py::value_error(std::string(op) + ": " + arg + " must be 'float16' or 'bfloat16', got '" + name + "'");
 }
 
 efficient_ops::LowbitFormat parse_format(const std::string& name, const char* arg, bool allow_empty) {
@@ -77,79 +85,6 @@ efficient_ops::LowbitFormat parse_format(const std::string& name, const char* ar
                         (allow_empty ? " or ''" : "") + ", got '" + name + "'");
 }
 
-void lowbit_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N, int64_t x_row_stride,
-                 int64_t out_row_stride, const std::string& x_dtype, const std::string& scale_dtype, uintptr_t stream,
-                 const std::string& fmt_a, uintptr_t qweight_a_ptr, uintptr_t scales_a_ptr, uintptr_t zeros_a_ptr,
-                 int64_t k_a, int64_t group_a, uintptr_t perm_ptr, const std::string& fmt_b, uintptr_t qweight_b_ptr,
-                 uintptr_t scales_b_ptr, uintptr_t zeros_b_ptr, int64_t k_b, int64_t group_b) {
-  efficient_ops::LowbitGemvArgs args;
-  args.x_dtype = parse_dtype(x_dtype, "x_dtype");
-  args.scale_dtype = parse_dtype(scale_dtype, "scale_dtype");
-  args.x = reinterpret_cast<const void*>(x_ptr);
-  args.bias = reinterpret_cast<const void*>(bias_ptr);  // 0 -> nullptr: no bias
-  args.out = reinterpret_cast<void*>(out_ptr);
-  args.perm = reinterpret_cast<const void*>(perm_ptr);  // 0 -> nullptr: x read in order
-  args.M = M;
-  args.N = N;
-  args.x_row_stride = x_row_stride;
-  args.out_row_stride = out_row_stride;
-  args.a = {parse_format(fmt_a, "fmt_a", false), reinterpret_cast<const void*>(qweight_a_ptr),
-            reinterpret_cast<const void*>(scales_a_ptr), reinterpret_cast<const void*>(zeros_a_ptr), k_a, group_a};
-  args.b = {parse_format(fmt_b, "fmt_b", true), reinterpret_cast<const void*>(qweight_b_ptr),
-            reinterpret_cast<const void*>(scales_b_ptr), reinterpret_cast<const void*>(zeros_b_ptr), k_b, group_b};
-  if (M < 1 || M > efficient_ops::kLowbitGemvMaxM)
-    throw py::value_error("lowbit_gemv: M must be in 1.." + std::to_string(efficient_ops::kLowbitGemvMaxM) +
-                          ", got " + std::to_string(M));
-  if (const char* problem = efficient_ops::lowbit_gemv_check(args))
-    throw py::value_error(std::string("lowbit_gemv: ") + problem);
-
-  const cudaError_t err = efficient_ops::lowbit_gemv(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("lowbit_gemv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
-}
-
-void rsparse_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t K, int64_t N, int64_t R,
-                  int64_t x_row_stride, int64_t out_row_stride, uintptr_t weight_t_ptr, uintptr_t col_norms_ptr,
-                  float threshold, uintptr_t v_ptr, uintptr_t us_t_ptr, uintptr_t workspace_ptr,
-                  const std::string& dtype, uintptr_t stream) {
-  if (dtype != "float16" && dtype != "bfloat16")
-    throw py::value_error("rsparse_gemv: dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
-  efficient_ops::RSparseGemvArgs args;
-  args.dtype = parse_dtype(dtype, "dtype");
-  args.x = reinterpret_cast<const void*>(x_ptr);
-  args.weight_t = reinterpret_cast<const void*>(weight_t_ptr);
-  args.col_norms = reinterpret_cast<const float*>(col_norms_ptr);
-  args.threshold = threshold;
-  args.v = reinterpret_cast<const void*>(v_ptr);        // 0 -> nullptr: allowed when R == 0
-  args.us_t = reinterpret_cast<const void*>(us_t_ptr);  // 0 -> nullptr: allowed when R == 0
-  args.bias = reinterpret_cast<const void*>(bias_ptr);  // 0 -> nullptr: no bias
-  args.out = reinterpret_cast<void*>(out_ptr);
-  args.workspace = reinterpret_cast<void*>(workspace_ptr);
-  args.M = M;
-  args.K = K;
-  args.N = N;
-  args.R = R;
-  args.x_row_stride = x_row_stride;
-  args.out_row_stride = out_row_stride;
-  if (const char* problem = efficient_ops::rsparse_gemv_check(args))
-    throw py::value_error(std::string("rsparse_gemv: ") + problem);
-
-  const cudaError_t err = efficient_ops::rsparse_gemv(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("rsparse_gemv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
-}
-
-int64_t rsparse_workspace_bytes(int64_t M, int64_t N, int64_t R) {
-  const int64_t bytes = efficient_ops::rsparse_gemv_workspace_bytes(M, N, R);
-  if (bytes < 0)
-    throw py::value_error("rsparse_workspace_bytes: need 0 <= M <= " + std::to_string(efficient_ops::kRSparseGemvMaxM) +
-                          " and 0 <= N, R < 2^30, got M=" + std::to_string(M) + ", N=" + std::to_string(N) +
-                          ", R=" + std::to_string(R));
-  return bytes;
-}
-
 // A sequence of exactly n ints (pybind11 converts lists and tuples to std::vector).
 void copy_strides(const std::vector<int64_t>& in, int64_t* out, size_t n, const char* op, const char* arg) {
   if (in.size() != n)
@@ -158,23 +93,97 @@ void copy_strides(const std::vector<int64_t>& in, int64_t* out, size_t n, const 
   for (size_t i = 0; i < n; ++i) out[i] = in[i];
 }
 
+// The kernel's own argument check (ValueError "op: problem"), then the launch on `stream` (RuntimeError
+// "op: CUDA launch failed: ..."): the last line of defence against out-of-bounds accesses.
+template <typename Args, typename Check, typename Launch>
+void check_and_launch(const char* op, const Args& args, Check check, Launch launch, uintptr_t stream) {
+  if (const char* problem = check(args)) throw py::value_error(std::string(op) + ": " + problem);
+  const cudaError_t err = launch(args, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err) + " (" +
+                             cudaGetErrorName(err) + ")");
+}
+
+// A workspace size, or ValueError "op: need ..., got ..." when the size helper rejects the arguments (< 0).
+int64_t checked_bytes(int64_t bytes, const char* op, const std::string& need, const std::string& got) {
+  if (bytes < 0) throw py::value_error(std::string(op) + ": need " + need + ", got " + got);
+  return bytes;
+}
+
+void lowbit_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t N, int64_t x_row_stride,
+                 int64_t out_row_stride, const std::string& x_dtype, const std::string& scale_dtype, uintptr_t stream,
+                 const std::string& fmt_a, uintptr_t qweight_a_ptr, uintptr_t scales_a_ptr, uintptr_t zeros_a_ptr,
+                 int64_t k_a, int64_t group_a, uintptr_t perm_ptr, const std::string& fmt_b, uintptr_t qweight_b_ptr,
+                 uintptr_t scales_b_ptr, uintptr_t zeros_b_ptr, int64_t k_b, int64_t group_b) {
+  constexpr const char* op = "lowbit_gemv";
+  efficient_ops::LowbitGemvArgs args;
+  args.x_dtype = parse_dtype(op, x_dtype, "x_dtype");
+  args.scale_dtype = parse_dtype(op, scale_dtype, "scale_dtype");
+  args.x = ptr<const void>(x_ptr);
+  args.bias = ptr<const void>(bias_ptr);  // null: no bias
+  args.out = ptr<void>(out_ptr);
+  args.perm = ptr<const void>(perm_ptr);  // null: x read in order
+  args.M = M;
+  args.N = N;
+  args.x_row_stride = x_row_stride;
+  args.out_row_stride = out_row_stride;
+  args.a = {parse_format(fmt_a, "fmt_a", false), ptr<const void>(qweight_a_ptr), ptr<const void>(scales_a_ptr),
+            ptr<const void>(zeros_a_ptr), k_a, group_a};
+  args.b = {parse_format(fmt_b, "fmt_b", true), ptr<const void>(qweight_b_ptr), ptr<const void>(scales_b_ptr),
+            ptr<const void>(zeros_b_ptr), k_b, group_b};
+  if (M < 1 || M > efficient_ops::kLowbitGemvMaxM)
+    throw py::value_error(std::string(op) + ": M must be in 1.." + std::to_string(efficient_ops::kLowbitGemvMaxM) +
+                          ", got " + std::to_string(M));
+  check_and_launch(op, args, efficient_ops::lowbit_gemv_check, efficient_ops::lowbit_gemv, stream);
+}
+
+void rsparse_gemv(uintptr_t x_ptr, uintptr_t bias_ptr, uintptr_t out_ptr, int64_t M, int64_t K, int64_t N, int64_t R,
+                  int64_t x_row_stride, int64_t out_row_stride, uintptr_t weight_t_ptr, uintptr_t col_norms_ptr,
+                  float threshold, uintptr_t v_ptr, uintptr_t us_t_ptr, uintptr_t workspace_ptr,
+                  const std::string& dtype, uintptr_t stream) {
+  constexpr const char* op = "rsparse_gemv";
+  efficient_ops::RSparseGemvArgs args;
+  args.dtype = parse_dtype(op, dtype, "dtype");
+  args.x = ptr<const void>(x_ptr);
+  args.weight_t = ptr<const void>(weight_t_ptr);
+  args.col_norms = ptr<const float>(col_norms_ptr);
+  args.threshold = threshold;
+  args.v = ptr<const void>(v_ptr);        // null: allowed when R == 0
+  args.us_t = ptr<const void>(us_t_ptr);  // null: allowed when R == 0
+  args.bias = ptr<const void>(bias_ptr);  // null: no bias
+  args.out = ptr<void>(out_ptr);
+  args.workspace = ptr<void>(workspace_ptr);
+  args.M = M;
+  args.K = K;
+  args.N = N;
+  args.R = R;
+  args.x_row_stride = x_row_stride;
+  args.out_row_stride = out_row_stride;
+  check_and_launch(op, args, efficient_ops::rsparse_gemv_check, efficient_ops::rsparse_gemv, stream);
+}
+
+int64_t rsparse_workspace_bytes(int64_t M, int64_t N, int64_t R) {
+  return checked_bytes(efficient_ops::rsparse_gemv_workspace_bytes(M, N, R), "rsparse_workspace_bytes",
+                       "0 <= M <= " + std::to_string(efficient_ops::kRSparseGemvMaxM) + " and 0 <= N, R < 2^30",
+                       "M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", R=" + std::to_string(R));
+}
+
 void tree_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t out_ptr, uintptr_t prefix_lens_ptr,
                     uintptr_t parents_ptr, uintptr_t workspace_ptr, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
                     int64_t D, int64_t S_max, int64_t num_splits, const std::vector<int64_t>& q_strides,
                     const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
                     const std::vector<int64_t>& out_strides, int64_t parents_batch_stride, double scale,
                     const std::string& dtype, uintptr_t stream) {
-  if (dtype != "float16" && dtype != "bfloat16")
-    throw py::value_error("tree_attention: dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
+  constexpr const char* op = "tree_attention";
   efficient_ops::TreeAttentionArgs args{};
-  args.dtype = parse_dtype(dtype, "dtype");
-  args.q = reinterpret_cast<const void*>(q_ptr);
-  args.k_cache = reinterpret_cast<const void*>(k_ptr);
-  args.v_cache = reinterpret_cast<const void*>(v_ptr);
-  args.out = reinterpret_cast<void*>(out_ptr);
-  args.prefix_lens = reinterpret_cast<const int64_t*>(prefix_lens_ptr);
-  args.parents = reinterpret_cast<const int64_t*>(parents_ptr);
-  args.workspace = reinterpret_cast<void*>(workspace_ptr);
+  args.dtype = parse_dtype(op, dtype, "dtype");
+  args.q = ptr<const void>(q_ptr);
+  args.k_cache = ptr<const void>(k_ptr);
+  args.v_cache = ptr<const void>(v_ptr);
+  args.out = ptr<void>(out_ptr);
+  args.prefix_lens = ptr<const int64_t>(prefix_lens_ptr);
+  args.parents = ptr<const int64_t>(parents_ptr);
+  args.workspace = ptr<void>(workspace_ptr);
   args.B = B;
   args.Hq = Hq;
   args.Hkv = Hkv;
@@ -182,58 +191,45 @@ void tree_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t
   args.D = D;
   args.S_max = S_max;
   args.num_splits = num_splits;
-  copy_strides(q_strides, args.q_strides, 3, "tree_attention", "q_strides");
-  copy_strides(k_strides, args.k_strides, 3, "tree_attention", "k_strides");
-  copy_strides(v_strides, args.v_strides, 3, "tree_attention", "v_strides");
-  copy_strides(out_strides, args.out_strides, 3, "tree_attention", "out_strides");
+  copy_strides(q_strides, args.q_strides, 3, op, "q_strides");
+  copy_strides(k_strides, args.k_strides, 3, op, "k_strides");
+  copy_strides(v_strides, args.v_strides, 3, op, "v_strides");
+  copy_strides(out_strides, args.out_strides, 3, op, "out_strides");
   args.parents_batch_stride = parents_batch_stride;
   args.scale = float(scale);
-  if (const char* problem = efficient_ops::tree_attention_check(args))
-    throw py::value_error(std::string("tree_attention: ") + problem);
-
-  const cudaError_t err = efficient_ops::tree_attention(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("tree_attention: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
+  check_and_launch(op, args, efficient_ops::tree_attention_check, efficient_ops::tree_attention, stream);
 }
 
 int64_t tree_attention_workspace_bytes(int64_t B, int64_t Hq, int64_t T, int64_t D, int64_t num_splits) {
-  const int64_t bytes = efficient_ops::tree_attention_workspace_bytes(B, Hq, T, D, num_splits);
-  if (bytes < 0)
-    throw py::value_error("tree_attention_workspace_bytes: need B, Hq >= 1, T in 1..256, D in {64, 128} and "
-                          "num_splits in 1..1024, got B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) +
-                          ", T=" + std::to_string(T) + ", D=" + std::to_string(D) +
-                          ", num_splits=" + std::to_string(num_splits));
-  return bytes;
+  return checked_bytes(efficient_ops::tree_attention_workspace_bytes(B, Hq, T, D, num_splits),
+                       "tree_attention_workspace_bytes",
+                       "B, Hq >= 1, T in 1..256, D in {64, 128} and num_splits in 1..1024",
+                       "B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) + ", T=" + std::to_string(T) +
+                           ", D=" + std::to_string(D) + ", num_splits=" + std::to_string(num_splits));
 }
 
 void compact_kv(uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t prefix_lens_ptr, uintptr_t accepted_ptr,
                 uintptr_t accept_len_ptr, int64_t L, int64_t B, int64_t Hkv, int64_t S_max, int64_t D, int64_t P,
                 const std::vector<int64_t>& k_strides, const std::vector<int64_t>& v_strides,
                 int64_t accepted_batch_stride, int64_t elem_bytes, uintptr_t stream) {
+  constexpr const char* op = "compact_kv";
   efficient_ops::CompactKVArgs args{};
-  args.k_cache = reinterpret_cast<void*>(k_ptr);
-  args.v_cache = reinterpret_cast<void*>(v_ptr);
-  args.prefix_lens = reinterpret_cast<const int64_t*>(prefix_lens_ptr);
-  args.accepted = reinterpret_cast<const int64_t*>(accepted_ptr);
-  args.accept_len = reinterpret_cast<const int64_t*>(accept_len_ptr);
+  args.k_cache = ptr<void>(k_ptr);
+  args.v_cache = ptr<void>(v_ptr);
+  args.prefix_lens = ptr<const int64_t>(prefix_lens_ptr);
+  args.accepted = ptr<const int64_t>(accepted_ptr);
+  args.accept_len = ptr<const int64_t>(accept_len_ptr);
   args.L = L;
   args.B = B;
   args.Hkv = Hkv;
   args.S_max = S_max;
   args.D = D;
   args.P = P;
-  copy_strides(k_strides, args.k_strides, 4, "compact_kv", "k_strides");
-  copy_strides(v_strides, args.v_strides, 4, "compact_kv", "v_strides");
+  copy_strides(k_strides, args.k_strides, 4, op, "k_strides");
+  copy_strides(v_strides, args.v_strides, 4, op, "v_strides");
   args.accepted_batch_stride = accepted_batch_stride;
   args.elem_bytes = elem_bytes;
-  if (const char* problem = efficient_ops::compact_kv_check(args))
-    throw py::value_error(std::string("compact_kv: ") + problem);
-
-  const cudaError_t err = efficient_ops::compact_kv(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string("compact_kv: CUDA launch failed: ") + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
+  check_and_launch(op, args, efficient_ops::compact_kv_check, efficient_ops::compact_kv, stream);
 }
 
 // ---- sparse attention (csrc/sparse_attention) ------------------------------------------------------
@@ -247,17 +243,15 @@ void block_sparse_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, u
                             const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides,
                             double scale, const std::string& dtype, uintptr_t stream) {
   constexpr const char* op = "block_sparse_attention";
-  if (dtype != "float16" && dtype != "bfloat16")
-    throw py::value_error(std::string(op) + ": dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
   efficient_ops::BlockSparseAttentionArgs args{};
-  args.dtype = parse_dtype(dtype, "dtype");
-  args.q = reinterpret_cast<const void*>(q_ptr);
-  args.k = reinterpret_cast<const void*>(k_ptr);
-  args.v = reinterpret_cast<const void*>(v_ptr);
-  args.out = reinterpret_cast<void*>(out_ptr);
-  args.lse = reinterpret_cast<float*>(lse_ptr);  // 0 -> nullptr: lse not wanted
-  args.kv_num_blocks = reinterpret_cast<const int32_t*>(kv_num_blocks_ptr);
-  args.kv_indices = reinterpret_cast<const int32_t*>(kv_indices_ptr);
+  args.dtype = parse_dtype(op, dtype, "dtype");
+  args.q = ptr<const void>(q_ptr);
+  args.k = ptr<const void>(k_ptr);
+  args.v = ptr<const void>(v_ptr);
+  args.out = ptr<void>(out_ptr);
+  args.lse = ptr<float>(lse_ptr);  // null: lse not wanted
+  args.kv_num_blocks = ptr<const int32_t>(kv_num_blocks_ptr);
+  args.kv_indices = ptr<const int32_t>(kv_indices_ptr);
   args.B = B;
   args.Hq = Hq;
   args.Hkv = Hkv;
@@ -276,13 +270,8 @@ void block_sparse_attention(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, u
   copy_strides(v_strides, args.v_strides, 3, op, "v_strides");
   copy_strides(out_strides, args.out_strides, 3, op, "out_strides");
   args.scale = float(scale);
-  if (const char* problem = efficient_ops::block_sparse_attention_check(args))
-    throw py::value_error(std::string(op) + ": " + problem);
-
-  const cudaError_t err = efficient_ops::block_sparse_attention(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
+  check_and_launch(op, args, efficient_ops::block_sparse_attention_check, efficient_ops::block_sparse_attention,
+                   stream);
 }
 
 void paged_sparse_decode(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uintptr_t out_ptr, uintptr_t seq_lens_ptr,
@@ -292,17 +281,15 @@ void paged_sparse_decode(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uint
                          const std::vector<int64_t>& v_strides, const std::vector<int64_t>& out_strides, double scale,
                          const std::string& dtype, uintptr_t stream) {
   constexpr const char* op = "paged_sparse_decode";
-  if (dtype != "float16" && dtype != "bfloat16")
-    throw py::value_error(std::string(op) + ": dtype must be 'float16' or 'bfloat16', got '" + dtype + "'");
   efficient_ops::PagedSparseDecodeArgs args{};
-  args.dtype = parse_dtype(dtype, "dtype");
-  args.q = reinterpret_cast<const void*>(q_ptr);
-  args.k_cache = reinterpret_cast<const void*>(k_ptr);
-  args.v_cache = reinterpret_cast<const void*>(v_ptr);
-  args.out = reinterpret_cast<void*>(out_ptr);
-  args.seq_lens = reinterpret_cast<const int64_t*>(seq_lens_ptr);
-  args.page_indices = reinterpret_cast<const int32_t*>(page_indices_ptr);
-  args.workspace = reinterpret_cast<void*>(workspace_ptr);
+  args.dtype = parse_dtype(op, dtype, "dtype");
+  args.q = ptr<const void>(q_ptr);
+  args.k_cache = ptr<const void>(k_ptr);
+  args.v_cache = ptr<const void>(v_ptr);
+  args.out = ptr<void>(out_ptr);
+  args.seq_lens = ptr<const int64_t>(seq_lens_ptr);
+  args.page_indices = ptr<const int32_t>(page_indices_ptr);
+  args.workspace = ptr<void>(workspace_ptr);
   args.B = B;
   args.Hq = Hq;
   args.Hkv = Hkv;
@@ -316,22 +303,15 @@ void paged_sparse_decode(uintptr_t q_ptr, uintptr_t k_ptr, uintptr_t v_ptr, uint
   copy_strides(v_strides, args.v_strides, 3, op, "v_strides");
   copy_strides(out_strides, args.out_strides, 2, op, "out_strides");
   args.scale = float(scale);
-  if (const char* problem = efficient_ops::paged_sparse_decode_check(args))
-    throw py::value_error(std::string(op) + ": " + problem);
-
-  const cudaError_t err = efficient_ops::paged_sparse_decode(args, reinterpret_cast<cudaStream_t>(stream));
-  if (err != cudaSuccess)
-    throw std::runtime_error(std::string(op) + ": CUDA launch failed: " + cudaGetErrorString(err) + " (" +
-                             cudaGetErrorName(err) + ")");
+  check_and_launch(op, args, efficient_ops::paged_sparse_decode_check, efficient_ops::paged_sparse_decode, stream);
 }
 
 int64_t paged_sparse_decode_workspace_bytes(int64_t B, int64_t Hq, int64_t D, int64_t num_splits) {
-  const int64_t bytes = efficient_ops::paged_sparse_decode_workspace_bytes(B, Hq, D, num_splits);
-  if (bytes < 0)
-    throw py::value_error("paged_sparse_decode_workspace_bytes: need B, Hq >= 1 (B * Hq < 2^36), D in {64, 128} "
-                          "and num_splits in 1..1024, got B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) +
-                          ", D=" + std::to_string(D) + ", num_splits=" + std::to_string(num_splits));
-  return bytes;
+  return checked_bytes(efficient_ops::paged_sparse_decode_workspace_bytes(B, Hq, D, num_splits),
+                       "paged_sparse_decode_workspace_bytes",
+                       "B, Hq >= 1 (B * Hq < 2^36), D in {64, 128} and num_splits in 1..1024",
+                       "B=" + std::to_string(B) + ", Hq=" + std::to_string(Hq) + ", D=" + std::to_string(D) +
+                           ", num_splits=" + std::to_string(num_splits));
 }
 
 }  // namespace

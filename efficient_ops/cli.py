@@ -39,7 +39,7 @@ OPS = {
     "verify_sampling": {"triton": "one program per batch row walks the tree on the device",
                         "reference": "batched PyTorch, any device"},
 }
-FAMILIES = ("lowbit", "rsparse", "tree_attention", "sparse_attention")
+FAMILIES = ("lowbit", "rsparse", "speculative", "sparse_attention")  # one bench/<family>.py each
 
 
 def _gpu_line() -> str:

@@ -3,9 +3,6 @@
 interpreter against the reference, input validation, opcheck, torch.compile, autograd, and the module
 and model conversion."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -329,36 +326,6 @@ def test_rsparsify_hf_causal_lm():
 def test_rsparsify_needs_inputs():
     with pytest.raises(ValueError, match="saw no input"):
         rsparsify_model(nn.Sequential(nn.Linear(4, 4)), [], progress=False)
-
-
-COMPILE_SCRIPT = """
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from efficient_ops.triton_kernels.rsparse import BLOCK_M, _config, _rsparse_kernel
-
-ptrs = ["x_ptr", "wt_ptr", "c_ptr", "v_ptr", "us_ptr", "bias_ptr", "out_ptr", "ws_ptr"]
-for dtype in ("fp16", "bf16"):
-    types = ["*" + dtype, "*" + dtype, "*fp32", "*" + dtype, "*" + dtype, "*" + dtype, "*" + dtype, "*fp32"]
-    for has_bias in (False, True):
-        cfg = _config(1, 4096, 4096, 512, torch.device("cpu"))
-        const = dict(HAS_BIAS=has_bias, BLOCK_M=BLOCK_M, **{k: v for k, v in cfg.items() if k.isupper()})
-        ints = ["M", "K", "N", "R", "stride_xm", "stride_om"] + [k for k in cfg if not k.isupper()]
-        signature = {**dict(zip(ptrs, types)), "threshold": "fp32", **dict.fromkeys(ints, "i32"),
-                     **dict.fromkeys(const, "constexpr")}
-        triton.compile(ASTSource(fn=_rsparse_kernel, signature=signature, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
-print("compiled")
-"""
-
-
-def test_triton_kernel_compiles_for_hopper():
-    """Ahead-of-time compile to an sm_90 cubin (no GPU needed; a subprocess without the interpreter): the
-    atomics, the spin-wait and the float32 dot are code the interpreter does not compile."""
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
 
 
 @pytest.mark.skipif(backends.extension() is None or torch.cuda.is_available(),

@@ -21,11 +21,11 @@ cores the tile multiplies the exact small integers ``q`` and subtracts ``zero * 
 ``q - zero`` itself (e.g. the centred binary zero ``0.5 - mu / 2a``) need not be exact in bf16.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import sm_count
 
 # Format codes of the FMT constexpr (ternary has its own code: it is not a bit width).
 FMT_CODES = {"w4": 4, "w3": 3, "w2": 2, "w1": 1, "ternary": 0}
@@ -151,11 +151,6 @@ def _lowbit_kernel(
         tl.store(out_ptr + pid_k * M * N + rm64[:, None] * stride_om + rn[None, :], acc, mask=mask)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _block_k(fmt_name: str, group: int, gemm: bool) -> int:
     # Ternary tiles are one trit plane (32 columns); otherwise the largest tile inside one group.
     return 32 if fmt_name == "ternary" else min(64 if gemm else 128, group)
@@ -180,8 +175,7 @@ def _config(M: int, N: int, segments, device: torch.device) -> dict:
     k_tiles = sum(k_pad // block_k for _, k_pad, _ in segments)
     split_k = 1
     if not gemm:
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-            if device.type == "cuda" else 4
+        sms = sm_count(device)
         tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
         split_k = max(1, min(k_tiles // 4, triton.cdiv(4 * sms, tiles), 16))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_K=split_k,

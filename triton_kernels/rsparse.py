@@ -18,11 +18,11 @@ dispatched no later than higher ones (as CUDA does in practice, and the interpre
 order), so B programs never wait behind spinning C programs. The workspace is zeroed by the caller.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from ._common import sm_count
 
 BLOCK_M = 16  # rows per program: the smallest tl.dot tile; decode M <= 8 pads into it
 
@@ -128,11 +128,6 @@ def _rsparse_kernel(x_ptr, wt_ptr, c_ptr, v_ptr, us_ptr, bias_ptr, out_ptr, ws_p
                 HAS_BIAS)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(length: int, block: int, splits: int):
     """(number of chunks, chunk length as a multiple of ``block``) for about ``splits`` chunks of ``length``."""
     blocks = triton.cdiv(length, block)
@@ -143,8 +138,7 @@ def _split(length: int, block: int, splits: int):
 def _config(M: int, K: int, N: int, R: int, device: torch.device) -> dict:
     """Tiles and splits (a heuristic, not autotuned: autotuning would benchmark inside the first call
     and inside CUDA-graph capture). Each role gets about two programs per SM."""
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    sms = sm_count(device)
     block_k, block_n, block_r = 64, 128, 64
     n_tiles = triton.cdiv(N, block_n)
     r_tiles = triton.cdiv(R, block_r)

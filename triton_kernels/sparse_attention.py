@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import sm_count
 from .attention import finish, merge_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -134,8 +135,7 @@ def paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, 
     hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     n_sel = page_indices.shape[2]
     if n_splits is None:
-        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
-        n_splits = max(1, min(-(-2 * sm_count // max(1, b * hkv)), -(-n_sel // 4)))  # >= 4 pages per split
+        n_splits = max(1, min(-(-2 * sm_count(q.device) // max(1, b * hkv)), -(-n_sel // 4)))  # >= 4 pages per split
     per_split = max(1, -(-n_sel // n_splits))
     g = hq // hkv
     o_part = torch.empty((b, hq, 1, n_splits, d), dtype=torch.float32, device=q.device)

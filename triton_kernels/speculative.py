@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import sm_count
 from .attention import finish, merge_partials, online_softmax_step
 
 LOG2E = 1.4426950408889634
@@ -101,12 +102,6 @@ def num_splits(batch: int, n_kv_heads: int, row_tiles: int, prefix_cap: int, sm_
     return max(1, min(want, -(-prefix_cap // MIN_CHUNK)))
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, so the CPU tests cover the merge
-
-
 def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=None):
     """q [B, Hq, T, D], caches [B, Hkv, S_max, D] (last dims contiguous), prefix_lens int64 [B], parents int64
     [B | 1, T] contiguous. Returns [B, Hq, T, D] in q's dtype."""
@@ -117,7 +112,7 @@ def tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, n_splits=No
     row_tiles = triton.cdiv(g * t, block_m)
     prefix_cap = s_max - t
     if n_splits is None:
-        n_splits = num_splits(b, hkv, row_tiles, prefix_cap, _sm_count(q.device))
+        n_splits = num_splits(b, hkv, row_tiles, prefix_cap, sm_count(q.device))
     chunk = max(block_n, triton.cdiv(triton.cdiv(max(prefix_cap, 1), n_splits), block_n) * block_n)
     o_part = torch.empty((b, hq, t, n_splits + 1, d), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((b, hq, t, n_splits + 1), dtype=torch.float32, device=q.device)

@@ -4,7 +4,7 @@
 // an independent packer written from the format specification (efficient_ops.quant.lowbit's docstring).
 // The kernel variant comes from the launcher's own dispatch, and the run checks that every variant ran.
 // Exact-size heap buffers under AddressSanitizer catch any out-of-bounds read; outputs are NaN-poisoned,
-// so unwritten elements fail. tests/test_cuda_emulation.py builds and runs it wherever nvcc is found:
+// so unwritten elements fail. tests/test_lowbit_emulation.py builds and runs it wherever nvcc is found:
 //   nvcc -std=c++17 -O0 -g -arch=sm_80 -Xcompiler=-fsanitize=address,-fsanitize=undefined \
 //        -DEO_SRC='"<repo>/csrc/lowbit/lowbit_gemv.cu"' -I<repo>/csrc/lowbit lowbit_gemv_emulation.cu
 #define EFFICIENT_OPS_LOWBIT_HOST_ONLY  // the host side only: no kernels to compile

@@ -1,4 +1,4 @@
-"""bench/tree_attention.py on the CPU: the quick run writes its results (reference backend, float32) with one row
+"""bench/speculative.py on the CPU: the quick run writes its results (reference backend, float32) with one row
 per backend and case, and its derived columns (GB/s, vs floor, vs sdpa, TFLOP/s, compact_kv GB/s) follow from the
 measured times by the documented formulas; the kernel path (error check, failure handling, compact_kv exactness)
 runs under the Triton interpreter at a tiny shape; the draft trees are valid and fixed; the targets table."""
@@ -8,15 +8,15 @@ import json
 import pytest
 import torch
 
-from efficient_ops.bench import tree_attention as bench
+from efficient_ops.bench import speculative as bench
 from efficient_ops import tree_depths, tree_mask, validate_parents
 
 
 def test_quick_cpu_run_writes_consistent_results(tmp_path):
     payload = bench.run(torch.device("cpu"), out_dir=str(tmp_path), quick=True)
-    saved = json.loads((tmp_path / "cpu" / "tree_attention.json").read_text())
-    md = (tmp_path / "cpu" / "tree_attention.md").read_text()
-    assert saved["family"] == "tree_attention" and saved["rows"] == json.loads(json.dumps(payload["rows"]))
+    saved = json.loads((tmp_path / "cpu" / "speculative.json").read_text())
+    md = (tmp_path / "cpu" / "speculative.md").read_text()
+    assert saved["family"] == "speculative" and saved["rows"] == json.loads(json.dumps(payload["rows"]))
     assert "say nothing about GPU kernel speed" in saved["note"] and "say nothing about GPU kernel speed" in md
     assert saved["failed_backends"] == {} and saved["skipped"] == [] and saved["targets"] == []
     hq, hkv, d = bench.CPU_HEADS
@@ -77,7 +77,7 @@ def test_kernel_path_under_the_interpreter(tmp_path):
     assert rows[0]["vs floor"] == pytest.approx(rows[0]["us"] / rows[2]["us"])
     # CPU tensors: cuda raises once and is not tried again, for both ops
     assert "cuda" in payload["failed_backends"] and "cuda" in payload["compact_failed_backends"]
-    assert "cuda: " in (tmp_path / "cpu" / "tree_attention.md").read_text()
+    assert "cuda: " in (tmp_path / "cpu" / "speculative.md").read_text()
     assert [(r["backend"], r["exact"]) for r in payload["compact_rows"]] == [("triton", True), ("reference", True)]
 
 

@@ -1,4 +1,5 @@
-"""Tree-attention benchmark: the kernels of tree_attention against SDPA with a tree mask and the decode floor.
+"""Speculative-decoding benchmark (family ``speculative``): the kernels of tree_attention against SDPA with a
+tree mask and the decode floor.
 
 Every available kernel backend of ``tree_attention`` is measured against PyTorch SDPA with an explicit tree mask
 and against the decode floor in the same run; a second table times ``compact_kv`` over every layer.
@@ -57,7 +58,7 @@ host and is timed eagerly with CUDA events instead (``timing: eager`` in its row
 Hkv 2, D 64, T in 4, 16, prefix in 64, 200, float32) against SDPA on the CPU. Those numbers prove the path
 end to end; they say nothing about GPU kernel speed.
 
-Run: ``efficient-ops bench --family tree_attention`` (or ``python -m efficient_ops.bench.tree_attention
+Run: ``efficient-ops bench --family speculative`` (or ``python -m efficient_ops.bench.speculative
 [--quick] [--dtype float16] [--backend NAME ...]``).
 """
 
@@ -147,7 +148,7 @@ def _oracle(q, k, v, mask) -> torch.Tensor:
 
 def run(device: torch.device, out_dir: str = "bench/results", quick: bool = False, dtype=None, cases=None,
         heads=None, names=None, compact: bool = True) -> dict:
-    """Benchmark tree_attention (and compact_kv) on ``device``; write ``<out_dir>/<device>/tree_attention.{json,md}``
+    """Benchmark tree_attention (and compact_kv) on ``device``; write ``<out_dir>/<device>/speculative.{json,md}``
     and return the payload.
 
     ``dtype``: bfloat16 (default) or float16 on a GPU; the CPU run uses float32 unless told. ``quick`` on a GPU:
@@ -291,16 +292,16 @@ def run(device: torch.device, out_dir: str = "bench/results", quick: bool = Fals
     if compact:
         compact_names = names + (["reference"] if "reference" not in names else [])
         compact_rows = _bench_compact(device, dtype, gpu, compact_names, compact_failed, peaks, reps, gen)
-    payload = {"family": "tree_attention", "device": info, "peaks": peaks, "note": note, "dtype": str(dtype),
+    payload = {"family": "speculative", "device": info, "peaks": peaks, "note": note, "dtype": str(dtype),
                "heads": dict(Hq=hq, Hkv=hkv, D=d), "trees": {str(t): v for t, v in trees.items()},
                "backends": names, "failed_backends": failed, "compact_failed_backends": compact_failed,
                "skipped": skipped, "rows": rows, "compact_rows": compact_rows,
                "targets": check_targets(rows) if gpu else []}
     table = _report(payload)
-    folder = common.write_results(out_dir, "tree_attention", payload, table)
+    folder = common.write_results(out_dir, "speculative", payload, table)
     peak_line = f"measured copy bandwidth {peaks['copy_gbps']:.0f} GB/s" if gpu else ""
     print(f"\ntree_attention on {info['name']} ({str(dtype)}, Hq {hq}, Hkv {hkv}, D {d}) {peak_line}\n{table}\n"
-          f"results: {folder}/tree_attention.json, tree_attention.md")
+          f"results: {folder}/speculative.json, speculative.md")
     return payload
 
 
