@@ -33,7 +33,6 @@ START=$(date +%s)
 PY=${PYTHON:-python}
 STAGES_TSV="$OUT_DIR/stages.tsv"
 : > "$STAGES_TSV"
-FAMILIES="lowbit rsparse tree_attention sparse_attention"
 
 log() { echo "[gpu_check $(date -u +%H:%M:%S)] $*" | tee -a "$OUT_DIR/logs/gpu_check.log"; }
 
@@ -139,6 +138,9 @@ for pkg in triton_kernels bench; do
 done
 
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+# the benchmark families as the CLI knows them (one bench/<family>.py each)
+FAMILIES=$("$PY" -c "from efficient_ops.cli import FAMILIES; print(' '.join(FAMILIES))" 2>/dev/null) ||
+    FAMILIES="lowbit rsparse speculative sparse_attention"
 if [[ "$DRY" == "1" ]]; then  # what can be checked without a GPU: the drivers' argument parsing and case lists
     DRY=0 run_stage dry_checks 60 bash -c "'$PY' bench/gpu_sanitize.py --list && \
         '$PY' -m efficient_ops.cli bench --help && '$PY' -m pytest --version"

@@ -325,7 +325,6 @@ def streaming(q_len: int, kv_len: int, sink: int, window: int, block_m: int = 64
     """
     _check_block_size(block_m, "block_m")
     _check_block_size(block_n, "block_n")
-    _check_causal_lengths(q_len, kv_len)
     if sink < 0 or window < 1:
         raise ValueError(f"sink, window: need sink >= 0 and window >= 1, got {sink}, {window}")
     dense_heads = sorted(set(int(h) for h in dense_heads))

@@ -464,7 +464,8 @@ case(SA, "scale NaN", lambda: eo.block_sparse_attention(Q, K, V, MASK, scale=NAN
 case(SA, "streaming sink -1", lambda: eo.streaming(64, 64, -1, 16, 16, 16), "sink")
 case(SA, "streaming dense_heads out of range", lambda: eo.streaming(64, 64, 4, 16, 16, 16, n_heads=2, dense_heads=[2]),
      "dense_heads")
-case(SA, "streaming q_len > kv_len", lambda: eo.streaming(64, 32, 4, 16, 16, 16), "q_len")
+case(SA, "topk_blocks q_len > kv_len", lambda: eo.topk_blocks(randn(1, 1, 64, 64), randn(1, 1, 32, 64), 0.5, 16, 16),
+     "q_len")
 case(SA, "streaming block 20", lambda: eo.streaming(64, 64, 4, 16, 20, 16), "block_m")
 case(SA, "topk_blocks density 0", lambda: eo.topk_blocks(Q, K, 0.0, 16, 16), "density")
 case(SA, "topk_blocks density NaN", lambda: eo.topk_blocks(Q, K, NAN, 16, 16), "density")
