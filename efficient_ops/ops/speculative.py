@@ -204,13 +204,13 @@ def _check_distributions(probs, name, rows=None):
     """Rows of ``probs`` [B, T, V] (those ``rows`` [B, T] selects, default all) are probability distributions:
     finite, non-negative, summing to 1 (1e-3; 1e-2 in 16-bit). Both backends assume it and disagree without it."""
     tol = 1e-2 if probs.element_size() == 2 else 1e-3
-    bad = ~torch.isfinite(probs).all(-1) | (probs < 0).any(-1) | ((probs.double().sum(-1) - 1).abs() > tol)
+    bad = ~torch.isfinite(probs).all(-1) | (probs < 0).any(-1) | ((probs.sum(-1, dtype=torch.float64) - 1).abs() > tol)
     if rows is not None:
         bad &= rows
     if bad.any():
         b, i = bad.nonzero()[0].tolist()
         raise ValueError(f"{name}: row [{b}, {i}] is not a probability distribution (finite, >= 0, sum 1 +- {tol}; "
-                         f"sum {float(probs[b, i].double().sum()):.4g}): pass softmax outputs, not logits")
+                         f"sum {float(probs[b, i].sum(dtype=torch.float64)):.4g}): pass softmax outputs, not logits")
 
 
 def _empty_verify(tokens, parents):
