@@ -113,7 +113,7 @@ def _flex_element_classes(block_mask, blocks, q_len, kv_len, chunk=4096):
         inside = (rows < q_len) & (cols < kv_len)
         try:
             keep = block_mask.mask_mod(b, h, rows.clamp_max(q_len - 1), cols.clamp_max(kv_len - 1))
-        except Exception as exc:  # noqa: BLE001 - any failure of user code: say whose it is
+        except Exception as exc:  # any failure of user code: say whose it is
             raise ValueError(f"block_mask: its mask_mod could not be evaluated on broadcast index tensors "
                              f"({type(exc).__name__}: {exc})") from exc
         keep = keep.to(torch.bool).expand(inside.shape) & inside
