@@ -150,10 +150,15 @@ class QuantizedWeight:
     def device(self) -> torch.device:
         return self.qweight.device
 
-    def to(self, device) -> "QuantizedWeight":
-        """A copy with every tensor on ``device``."""
-        return dataclasses.replace(self, qweight=self.qweight.to(device),
-                                   scales=self.scales.to(device), zeros=self.zeros.to(device))
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "QuantizedWeight":
+        """A copy on ``device``; a ``dtype`` (also accepted in first place, as ``Tensor.to``) becomes the dtype
+        of the scales, zeros and dequantized weight. The packed int32 words are never cast."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        if dtype is not None and dtype not in SCALE_DTYPES:
+            raise TypeError(f"dtype: expected one of {SCALE_DTYPES}, got {dtype}")
+        return dataclasses.replace(self, qweight=self.qweight.to(device), scales=self.scales.to(device, dtype),
+                                   zeros=self.zeros.to(device, dtype), dtype=dtype or self.dtype)
 
     def nbytes(self) -> int:
         """Bytes of the packed weight, scales and zeros together."""
@@ -196,10 +201,12 @@ class MixedQuantizedWeight:
     def device(self) -> torch.device:
         return self.perm.device
 
-    def to(self, device) -> "MixedQuantizedWeight":
-        """A copy with every tensor on ``device``."""
-        return dataclasses.replace(self, perm=self.perm.to(device), salient=self.salient.to(device),
-                                   rest=self.rest.to(device))
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "MixedQuantizedWeight":
+        """A copy on ``device`` (and ``dtype`` for both parts' scales, as :meth:`QuantizedWeight.to`)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        return dataclasses.replace(self, perm=self.perm.to(device), salient=self.salient.to(device, dtype),
+                                   rest=self.rest.to(device, dtype), dtype=dtype or self.dtype)
 
     def nbytes(self) -> int:
         """Bytes of both packed parts and the channel permutation."""
@@ -210,6 +217,7 @@ class MixedQuantizedWeight:
         self.salient.validate()
         self.rest.validate()
         validate_perm(self.perm, self.salient.in_features, self.in_features, self.salient.device)
+        check_perm_values(self.perm)
         if self.salient.out_features != self.out_features or self.rest.out_features != self.out_features:
             raise ValueError(f"salient/rest: expected {self.out_features} rows, got "
                              f"{self.salient.out_features} and {self.rest.out_features}")
@@ -220,9 +228,17 @@ class MixedQuantizedWeight:
             raise TypeError("rest: scales dtype differs from the salient part's")
 
 
+def check_perm_values(perm: torch.Tensor) -> None:
+    """``perm`` must hold every input channel exactly once (a duplicate or -1 would read a column twice or
+    leave one unread). It synchronises, so the ops skip it inside CUDA-graph capture, where the kernels clamp."""
+    if perm.numel() and not torch.equal(perm.sort().values, torch.arange(perm.numel(), device=perm.device,
+                                                                          dtype=perm.dtype)):
+        raise ValueError(f"perm: must be a permutation of 0..{perm.numel() - 1} (each input channel once)")
+
+
 def validate_perm(perm: torch.Tensor, salient_features: int, in_features: int, device=None) -> None:
-    """Check the shape, dtype and device of a mixed weight's channel permutation. (Whether it is a true
-    permutation is checked where it is made; kernels read ``x[perm[j]]`` only after a bounds clamp.)"""
+    """Check the shape, dtype and device of a mixed weight's channel permutation (:func:`check_perm_values`
+    checks that it is one)."""
     if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int32:
         raise TypeError(f"perm: expected an int32 tensor, got {getattr(perm, 'dtype', type(perm))}")
     if perm.shape != (in_features,) or not perm.is_contiguous():
@@ -310,6 +326,10 @@ def unpack_levels(qweight: torch.Tensor, bits: Union[int, float], in_features: O
     """Inverse of :func:`pack_levels`: int32 words ``[N, W]`` -> int32 levels ``[N, K_pad]`` (or the first
     ``in_features`` columns)."""
     fmt = get_format(bits)
+    if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int32 or qweight.dim() != 2 \
+            or qweight.shape[1] % fmt.words_per_align:
+        raise ValueError(f"qweight: expected int32 words [N, a multiple of {fmt.words_per_align}] for bits={bits}, got "
+                         f"{getattr(qweight, 'dtype', type(qweight).__name__)} {list(getattr(qweight, 'shape', []))}")
     n = qweight.shape[0]
     if fmt.name in ("w4", "w2", "w1"):
         q = _unpack_fields(qweight, int(fmt.bits))
@@ -362,7 +382,14 @@ def _grid_levels(wg: torch.Tensor, valid: torch.Tensor, levels: int, grid: str, 
         hi = ratio * wg.amax(-1, keepdim=True).clamp(min=0)
         scale = (hi - lo) / (levels - 1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero group: any scale works
-    scale = scale.to(scale_dtype).float()  # levels are chosen against the scale as stored
+    stored = scale.to(scale_dtype).float()  # levels are chosen against the scale as stored
+    # Overflow to inf, or underflow to 0 or to a subnormal that keeps under 2 bits, in a group with real columns
+    # (a group of padding only does not matter): refuse rather than store a weight that is not the one given.
+    lost = ~torch.isfinite(stored) | ((stored - scale).abs() > 0.25 * scale)
+    if (lost & valid.any(-1, keepdim=True)).any():
+        raise ValueError(f"scale_dtype: {scale_dtype} cannot hold this weight's scales (from {float(scale.min()):.3g} "
+                         f"to {float(scale.max()):.3g}); use scale_dtype=torch.float32")
+    scale = stored
     if grid == "binary":
         zero = (0.5 - mu / scale).to(scale_dtype).float()
         q = (wg >= mu).float()
@@ -395,7 +422,8 @@ def quantize_weight(w: torch.Tensor, bits: Union[int, float] = 4, group_size: in
         clip_search: search the clip ratio per group (least squared error); default on for "seq"
             (whose range would otherwise be set by the largest weight alone), off otherwise.
         center: binary only: ``mu + a * sign(w - mu)`` with the group mean ``mu``.
-        scale_dtype: dtype of scales and zeros; default ``w.dtype`` for float16/bfloat16, else float16.
+        scale_dtype: dtype of scales and zeros; default ``w.dtype`` (float32 for float64 weights). A dtype that
+            cannot hold the scales (float16 for |w| ~ 1e6 or 1e-8) raises ValueError rather than storing inf or 0.
 
     Returns:
         A :class:`QuantizedWeight` on ``w``'s device.
@@ -410,7 +438,7 @@ def quantize_weight(w: torch.Tensor, bits: Union[int, float] = 4, group_size: in
     if center and grid != "binary":
         raise ValueError("center: applies to the binary grid only")
     if scale_dtype is None:
-        scale_dtype = w.dtype if w.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        scale_dtype = w.dtype if w.dtype in SCALE_DTYPES else torch.float32
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype: expected one of {SCALE_DTYPES}, got {scale_dtype}")
     if clip_search is None:
@@ -464,6 +492,8 @@ def select_salient_channels(x_calib: torch.Tensor, fraction: float = 0.2) -> tor
     if k < 2:
         raise ValueError(f"x_calib: needs at least 2 channels, got {k}")
     magnitude = x_calib.detach().reshape(-1, k).float().abs().mean(0)
+    if not torch.isfinite(magnitude).all():
+        raise ValueError("x_calib: contains NaN or infinity")
     count = min(max(1, round(fraction * k)), k - 1)
     return magnitude.topk(count).indices.sort().values
 

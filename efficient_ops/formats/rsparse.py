@@ -92,6 +92,7 @@ class RSparseWeights:
     def validate(self) -> None:
         """Raise ValueError/TypeError if the tensors do not fit together."""
         validate_weights(self.weight_t, self.col_norms, self.threshold, self.v, self.us_t)
+        check_col_norms_values(self.col_norms)
 
 
 def validate_weights(weight_t, col_norms, threshold, v, us_t) -> None:
@@ -121,6 +122,13 @@ def validate_weights(weight_t, col_norms, threshold, v, us_t) -> None:
         raise ValueError(f"us_t: expected shape [{v.shape[1]}, {n}] (rank, out_features), got {tuple(us_t.shape)}")
     if not isinstance(threshold, (float, int)) or threshold != threshold:
         raise ValueError(f"threshold: expected a float (not NaN), got {threshold!r}")
+
+
+def check_col_norms_values(col_norms: torch.Tensor) -> None:
+    """Column norms are finite and non-negative (a NaN or negative norm flips the channel mask). It synchronises,
+    so the op skips it inside CUDA-graph capture."""
+    if col_norms.numel() and not bool(((col_norms >= 0) & torch.isfinite(col_norms)).all()):
+        raise ValueError("col_norms: must be finite and non-negative (they are column 2-norms of W)")
 
 
 def budget(in_features: int, out_features: int, sparsity: float, alpha: float) -> Tuple[int, int]:
@@ -182,10 +190,19 @@ def calibrate(linear: Union[nn.Linear, torch.Tensor], x_calib: torch.Tensor, spa
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise TypeError(f"linear: expected an nn.Linear or a 2-D weight tensor, got {type(linear).__name__}")
     out_features, in_features = weight.shape
+    if not weight.is_floating_point() or not torch.isfinite(weight).all():
+        raise ValueError("linear: the weight must be floating point, without NaN or infinity")
     if not isinstance(x_calib, torch.Tensor) or not x_calib.is_floating_point():
         raise TypeError("x_calib: expected a floating-point tensor")
     if x_calib.dim() < 1 or x_calib.shape[-1] != in_features or x_calib.numel() == 0:
         raise ValueError(f"x_calib: expected a non-empty [..., {in_features}] tensor, got shape {tuple(x_calib.shape)}")
+    if not torch.isfinite(x_calib).all():  # one NaN makes every alpha's error NaN, and min() then picks alpha 0
+        raise ValueError("x_calib: contains NaN or infinity")
+    alphas = tuple(alphas)
+    if alpha is None and (not alphas or not all(0.0 <= a <= 1.0 for a in alphas)):
+        raise ValueError(f"alphas: expected a non-empty sequence of values in [0, 1], got {alphas}")
+    if not isinstance(max_search_rows, int) or max_search_rows < 1:
+        raise ValueError(f"max_search_rows: expected a positive integer, got {max_search_rows!r}")
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity: must be in [0, 1), got {sparsity}")
     if alpha is not None and not 0.0 <= alpha <= 1.0:

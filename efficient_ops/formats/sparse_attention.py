@@ -88,6 +88,40 @@ def validate_block_mask(kv_num_blocks, kv_indices, block_m: int, block_n: int, q
         raise ValueError("kv_indices: a query block lists the same KV block twice")
 
 
+def listed_blocks(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """The bool block map ``[B|1, H|1, Mq, Nk]`` of a mask in FlexAttention's layout: only the first
+    ``kv_num_blocks`` entries of each ``kv_indices`` row count (what follows them, zero padding, -1 or garbage,
+    is ignored, as the kernels ignore it); listed indices outside ``[0, Nk)`` select nothing."""
+    nk = kv_indices.shape[-1]
+    index = torch.arange(nk, device=kv_indices.device)
+    listed = (index < kv_num_blocks[..., None]) & (kv_indices >= 0) & (kv_indices < nk)
+    slots = torch.where(listed, kv_indices.long(), nk)  # every unlisted entry lands in a spare column
+    dense = torch.zeros((*kv_indices.shape[:-1], nk + 1), dtype=torch.bool, device=kv_indices.device)
+    return dense.scatter_(-1, slots, True)[..., :nk]
+
+
+def _flex_element_classes(block_mask, blocks, q_len, kv_len, chunk=4096):
+    """For the listed partial blocks of a FlexAttention ``BlockMask`` (``blocks`` [P, 4]: b, h, m, n), whether its
+    ``mask_mod`` keeps every element, none, or exactly the end-aligned causal ones (inside the sequences)."""
+    bm, bn = block_mask.BLOCK_SIZE
+    offset = kv_len - q_len
+    classes = []
+    for part in blocks.split(chunk):
+        b, h = part[:, 0, None, None], part[:, 1, None, None]
+        rows = part[:, 2, None, None] * bm + torch.arange(bm, device=part.device)[None, :, None]
+        cols = part[:, 3, None, None] * bn + torch.arange(bn, device=part.device)[None, None, :]
+        inside = (rows < q_len) & (cols < kv_len)
+        try:
+            keep = block_mask.mask_mod(b, h, rows.clamp_max(q_len - 1), cols.clamp_max(kv_len - 1))
+        except Exception as exc:  # any failure of user code: say whose it is
+            raise ValueError(f"block_mask: its mask_mod could not be evaluated on broadcast index tensors "
+                             f"({type(exc).__name__}: {exc})") from exc
+        keep = keep.to(torch.bool).expand(inside.shape) & inside
+        causal = inside & (cols <= rows + offset)
+        classes.append(torch.stack([(keep == inside).all((1, 2)), ~keep.any((1, 2)), (keep == causal).all((1, 2))], 1))
+    return torch.cat(classes) if classes else torch.zeros(0, 3, dtype=torch.bool)
+
+
 @dataclass(frozen=True)
 class BlockSparseMask:
     """Which KV blocks each query block attends (FlexAttention's forward layout).
@@ -134,20 +168,42 @@ class BlockSparseMask:
         return cls(blocks.sum(-1, dtype=torch.int32), order.to(torch.int32), block_m, block_n, q_len, kv_len, causal)
 
     @classmethod
-    def from_flex(cls, block_mask, causal: bool = False) -> "BlockSparseMask":
-        """From a FlexAttention ``BlockMask``: its partial and full blocks together. Flex's ``mask_mod`` is not
-        carried over (only the block structure is); ``causal`` says whether to mask inside blocks."""
-        dense = block_mask.to_dense().bool()  # partial | full blocks
+    def from_flex(cls, block_mask, causal: Optional[bool] = None) -> "BlockSparseMask":
+        """From a FlexAttention ``BlockMask``, computing exactly what ``flex_attention`` computes with it, or
+        raising ValueError naming ``block_mask`` when no BlockSparseMask can.
+
+        Full blocks are attended whole. On every partial block the ``mask_mod`` is evaluated: a block it keeps
+        whole is attended whole, one it masks out entirely is dropped, and one it masks exactly as the causal
+        rule (key <= query + kv_len - q_len) is attended causally. ``causal`` None picks whichever of non-causal
+        or causal reproduces the mask; sliding windows inside blocks, key padding inside a block, or a causal
+        ``mask_mod`` start-aligned where q_len != kv_len cannot be expressed and raise.
+        """
         block_m, block_n = block_mask.BLOCK_SIZE
         q_len, kv_len = block_mask.seq_lengths
-        return cls.from_dense(dense, block_m, block_n, q_len, kv_len, causal)
+        partial = listed_blocks(block_mask.kv_num_blocks.int(), block_mask.kv_indices.int())
+        full = torch.zeros_like(partial) if block_mask.full_kv_num_blocks is None else \
+            listed_blocks(block_mask.full_kv_num_blocks.int(), block_mask.full_kv_indices.int())
+        where = partial.nonzero()
+        whole, empty, causal_like = _flex_element_classes(block_mask, where, q_len, kv_len).unbind(1)
+        kept = where[~empty]
+        partial = torch.zeros_like(partial)
+        partial[tuple(kept.T)] = True
+        # causality cuts a block unless its first row already sees its last key
+        m = torch.arange(partial.shape[2], device=partial.device)[:, None]
+        n = torch.arange(partial.shape[3], device=partial.device)[None, :]
+        uncut = (m * block_m + kv_len - q_len) >= torch.clamp_max((n + 1) * block_n, kv_len) - 1
+        options = {False: bool(whole[~empty].all()),
+                   True: bool(causal_like[~empty].all()) and bool((uncut | ~full).all())}
+        chosen = [c for c in ((False, True) if causal is None else (bool(causal),)) if options[c]]
+        if not chosen:
+            raise ValueError(f"block_mask: its mask_mod masks elements inside partial blocks in a way a BlockSparseMask "
+                             f"(whole blocks{', causal' if causal else ''}, queries end-aligned) cannot express; "
+                             f"flex_attention's result would not be reproduced")
+        return cls.from_dense(full | partial, block_m, block_n, q_len, kv_len, chosen[0])
 
     def to_dense(self) -> torch.Tensor:
         """The bool block map ``[B|1, H|1, Mq, Nk]``."""
-        nk = self.kv_indices.shape[-1]
-        listed = torch.arange(nk, device=self.kv_indices.device) < self.kv_num_blocks[..., None]
-        dense = torch.zeros(self.kv_indices.shape, dtype=torch.bool, device=self.kv_indices.device)
-        return dense.scatter_(-1, self.kv_indices.long().clamp(0, max(nk - 1, 0)), listed)
+        return listed_blocks(self.kv_num_blocks, self.kv_indices)
 
     def to_flex(self):
         """The equivalent FlexAttention ``BlockMask``: the same blocks, and a ``mask_mod`` that applies the block
@@ -162,8 +218,9 @@ class BlockSparseMask:
             keep = dense[b if per_batch else 0, h if per_head else 0, q_idx // bm, kv_idx // bn]
             return keep & (kv_idx <= q_idx + offset) if causal else keep
 
-        return BlockMask.from_kv_blocks(self.kv_num_blocks, self.kv_indices, BLOCK_SIZE=(bm, bn), mask_mod=mask_mod,
-                                        seq_lengths=(self.q_len, self.kv_len))
+        canonical = BlockSparseMask.from_dense(dense, bm, bn, self.q_len, self.kv_len)  # no stray unlisted entries
+        return BlockMask.from_kv_blocks(canonical.kv_num_blocks, canonical.kv_indices, BLOCK_SIZE=(bm, bn),
+                                        mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len))
 
     def to(self, device) -> "BlockSparseMask":
         """The mask with its index tensors on ``device``."""
@@ -189,6 +246,35 @@ def _causal_blocks(q_len, kv_len, block_m, block_n, device):
     _, last = _query_positions(q_len, kv_len, block_m, device)
     key_start = torch.arange(0, kv_len, block_n, device=device)
     return key_start[None, :] <= last[:, None]
+
+
+def _first_key_blocks(q_len, kv_len, block_m, block_n, device):
+    """Bool [Mq, Nk]: the key blocks holding the last key visible to each query block's first row and to its last
+    row (queries end-aligned). With both kept, every row of the query block sees at least one key, whatever
+    ``kv_len - q_len`` is modulo ``block_n``."""
+    first, last = _query_positions(q_len, kv_len, block_m, device)
+    blocks = torch.zeros(len(first), _blocks(kv_len, block_n), dtype=torch.bool, device=device)
+    m = torch.arange(len(first), device=device)
+    blocks[m, first // block_n] = True
+    blocks[m, last // block_n] = True
+    return blocks
+
+
+def _check_causal_lengths(q_len, kv_len):
+    """Causal patterns align queries to the end of the keys: q_len <= kv_len."""
+    if not (isinstance(q_len, int) and isinstance(kv_len, int) and 0 <= q_len <= kv_len):
+        raise ValueError(f"q_len: a causal pattern needs integers 0 <= q_len <= kv_len (queries end-aligned), got "
+                         f"q_len={q_len!r}, kv_len={kv_len!r}")
+
+
+def _check_count(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def _check_finite(value, name):
+    if not isinstance(value, (int, float)) or not abs(float(value)) < float("inf"):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
 
 
 def _gqa_keys(k: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -265,8 +351,14 @@ def vertical_slash(q: torch.Tensor, k: torch.Tensor, n_vertical: int, n_slash: i
     diagonal always), and a block is selected when a kept column or diagonal crosses it.
     """
     _check_qk(q, k)
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
+    _check_count(n_vertical, "n_vertical", 0)
+    _check_count(n_slash, "n_slash", 0)
+    _check_count(last_q, "last_q", 1)
     b, h, q_len, d = q.shape
     kv_len, group = k.shape[2], _group(q, k)
+    _check_causal_lengths(q_len, kv_len)
     scale = d ** -0.5 if scale is None else scale
     last_q = min(last_q, q_len)
     pos = torch.arange(q_len - last_q, q_len, device=q.device) + (kv_len - q_len)
@@ -312,8 +404,14 @@ def anchor(q: torch.Tensor, k: torch.Tensor, theta: float, block_m: int = 64, bl
     ``anchor - theta``. The initial and local blocks are always kept.
     """
     _check_qk(q, k)
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
+    _check_finite(theta, "theta")
+    _check_count(init_blocks, "init_blocks", 0)
+    _check_count(local_blocks, "local_blocks", 1)
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
+    _check_causal_lengths(q_len, kv_len)
     scale = d ** -0.5 if scale is None else scale
     nk, group = _blocks(kv_len, block_n), _group(q, k)
     _, last = _query_positions(q_len, kv_len, block_m, q.device)
@@ -328,6 +426,7 @@ def anchor(q: torch.Tensor, k: torch.Tensor, theta: float, block_m: int = 64, bl
     n = torch.arange(nk, device=q.device)
     diagonal = (last // block_n)[:, None]
     always = (n[None, :] < init_blocks) | ((n[None, :] <= diagonal) & (n[None, :] > diagonal - local_blocks))
+    always |= _first_key_blocks(q_len, kv_len, block_m, block_n, q.device)
     anchor_score = block_max.masked_fill(~always, float("-inf")).amax(-1, keepdim=True)
     blocks = (block_max >= anchor_score - theta) | always
     blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
@@ -343,9 +442,12 @@ def kmeans_keys(k: torch.Tensor, n_clusters: int, iters: int = 10,
     """
     if not isinstance(k, torch.Tensor) or k.dim() != 4:
         raise ValueError(f"k: expected [B, Hkv, S, D], got {list(getattr(k, 'shape', []))}")
+    if not k.is_floating_point():
+        raise TypeError(f"k: expected a floating-point tensor, got {k.dtype}")
     b, h, s, d = k.shape
-    if not 1 <= n_clusters <= s:
-        raise ValueError(f"n_clusters: must be in [1, S = {s}], got {n_clusters}")
+    if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or not 1 <= n_clusters <= s:
+        raise ValueError(f"n_clusters: must be an integer in [1, S = {s}], got {n_clusters!r}")
+    _check_count(iters, "iters", 0)
     keys = k.float().reshape(b * h, s, d)
     start = torch.rand(b * h, s, generator=generator, device="cpu").argsort(-1)[:, :n_clusters].to(k.device)
     centroids = keys.gather(1, start[..., None].expand(-1, -1, d))
@@ -379,6 +481,17 @@ def centroid_select(q: torch.Tensor, centroids: torch.Tensor, cluster_of_key: to
     if cluster_of_key.shape[:2] != centroids.shape[:2] or cluster_of_key.dim() != 3:
         raise ValueError(f"cluster_of_key: expected [B, Hkv, S] matching centroids, got {list(cluster_of_key.shape)}")
     kv_len, n_clusters = cluster_of_key.shape[2], centroids.shape[2]
+    if cluster_of_key.dtype != torch.int64 or cluster_of_key.device != q.device or cluster_of_key.numel() and (
+            int(cluster_of_key.min()) < 0 or int(cluster_of_key.max()) >= n_clusters):
+        raise ValueError(f"cluster_of_key: expected int64 cluster ids in [0, C = {n_clusters}) on {q.device}")
+    if top_k is not None:
+        _check_count(top_k, "top_k", 1)
+    elif not (isinstance(threshold, (int, float)) and 0 <= threshold <= 1):
+        raise ValueError(f"threshold: expected an attention mass in [0, 1], got {threshold!r}")
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
+    if causal:
+        _check_causal_lengths(q_len, kv_len)
     scale = d ** -0.5 if scale is None else scale
     scores = (_pool(q, block_m) @ _gqa_keys(centroids.float(), h).transpose(-1, -2)) * scale  # [B, H, Mq, C]
     if top_k is not None:
@@ -396,39 +509,52 @@ def centroid_select(q: torch.Tensor, centroids: torch.Tensor, cluster_of_key: to
     holds = _gqa_keys(holds.view(*centroids.shape[:2], nk, n_clusters), h)
     blocks = (chosen.float() @ holds.transpose(-1, -2)) > 0  # [B, H, Mq, Nk]
     if causal:
-        _, last = _query_positions(q_len, kv_len, block_m, q.device)
         blocks &= _causal_blocks(q_len, kv_len, block_m, block_n, q.device)
-        blocks[..., torch.arange(len(last), device=q.device), last // block_n] = True
+        blocks |= _first_key_blocks(q_len, kv_len, block_m, block_n, q.device)
     return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=causal)
 
 
 def topk_blocks(q: torch.Tensor, k: torch.Tensor, density: float, block_m: int = 64, block_n: int = 64,
                 causal: bool = True, scale: Optional[float] = None) -> BlockSparseMask:
     """Generic block top-k: mean-pooled q and k per block score every block pair; each query block keeps the
-    top ``ceil(density * reachable blocks)`` KV blocks (always its diagonal block when causal)."""
+    top ``ceil(density * reachable blocks)`` KV blocks; when causal, always the blocks holding the last key its
+    first and its last row see, so no row is left without a key."""
     _check_qk(q, k)
     if not 0 < density <= 1:
         raise ValueError(f"density: must be in (0, 1], got {density}")
+    _check_block_size(block_m, "block_m")
+    _check_block_size(block_n, "block_n")
     b, h, q_len, d = q.shape
     kv_len = k.shape[2]
+    if causal:
+        _check_causal_lengths(q_len, kv_len)
     scale = d ** -0.5 if scale is None else scale
     scores = (_pool(q, block_m) @ _gqa_keys(_pool(k, block_n), h).transpose(-1, -2)) * scale  # [B, H, Mq, Nk]
     mq, nk = scores.shape[2:]
     reachable = (_causal_blocks(q_len, kv_len, block_m, block_n, q.device) if causal
                  else torch.ones(mq, nk, dtype=torch.bool, device=q.device))
     keep = torch.ceil(density * reachable.sum(-1).float()).long()  # [Mq]
-    if causal:
-        _, last = _query_positions(q_len, kv_len, block_m, q.device)
-        diagonal = torch.zeros(mq, nk, dtype=torch.bool, device=q.device)
-        diagonal[torch.arange(mq, device=q.device), last // block_n] = True
-        scores = scores.masked_fill(diagonal, float("inf"))
-    scores = scores.masked_fill(~reachable, float("-inf"))
+    forced = _first_key_blocks(q_len, kv_len, block_m, block_n, q.device) if causal else torch.zeros_like(reachable)
+    scores = scores.masked_fill(forced, float("inf")).masked_fill(~reachable, float("-inf"))
     rank = torch.argsort(torch.argsort(scores, dim=-1, descending=True, stable=True), dim=-1)
-    blocks = (rank < keep[:, None]) & reachable
+    blocks = ((rank < keep[:, None]) | forced) & reachable
     return BlockSparseMask.from_dense(blocks, block_m, block_n, q_len, kv_len, causal=causal)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
+
+def check_lengths(seq_lens, batch: int, s_max: Optional[int], name: str = "seq_lens") -> None:
+    """Integer lengths ``[batch]`` in ``[0, s_max]``; the range check reads the data, so it is skipped inside
+    CUDA-graph capture (where the consumers clamp)."""
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype.is_floating_point or seq_lens.dtype == torch.bool \
+            or seq_lens.dtype.is_complex or seq_lens.shape != (batch,):
+        raise ValueError(f"{name}: expected an integer tensor of shape [{batch}], got "
+                         f"{getattr(seq_lens, 'dtype', type(seq_lens).__name__)} {list(getattr(seq_lens, 'shape', []))}")
+    capturing = seq_lens.is_cuda and torch.cuda.is_current_stream_capturing()
+    if s_max is not None and not capturing and seq_lens.device.type != "meta" and seq_lens.numel() and \
+            bool(((seq_lens < 0) | (seq_lens > s_max)).any()):
+        raise ValueError(f"{name}: every entry must be in [0, S_max = {s_max}], got {seq_lens.tolist()}")
+
 
 @dataclass
 class PageSummary:
@@ -451,8 +577,9 @@ class PageSummary:
         """Summarise ``k_cache`` ``[B, Hkv, S_max, D]`` up to ``seq_lens`` [B]."""
         if page_size not in PAGE_SIZES:
             raise ValueError(f"page_size: must be one of {PAGE_SIZES}, got {page_size}")
-        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
-            raise ValueError(f"k_cache: expected [B, Hkv, S_max, D], got {list(getattr(k_cache, 'shape', []))}")
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4 or not k_cache.is_floating_point():
+            raise ValueError(f"k_cache: expected a floating-point [B, Hkv, S_max, D] tensor, got "
+                             f"{getattr(k_cache, 'dtype', None)} {list(getattr(k_cache, 'shape', []))}")
         b, h, s_max, d = k_cache.shape
         n_pages = _blocks(s_max, page_size)
         empty = torch.zeros(b, h, n_pages, d, dtype=k_cache.dtype, device=k_cache.device)
@@ -461,15 +588,19 @@ class PageSummary:
         return summary
 
     def update(self, k_cache: torch.Tensor, seq_lens: torch.Tensor, max_new_tokens: Optional[int] = None) -> None:
-        """Bring the summary up to ``seq_lens`` after tokens were appended to ``k_cache``: only the pages from
-        each row's previous last page to its new last page are recomputed (one page per decode step).
+        """Bring the summary up to ``seq_lens`` after tokens were appended to ``k_cache`` or rolled back (a
+        speculative step's rejected tokens): only the pages between each row's previous and new lengths are
+        recomputed (one page per decode step).
 
-        With ``max_new_tokens`` (a bound on the tokens any row gained) the update has fixed shapes and no host
-        synchronisation, so it can be captured in a CUDA graph; without it the span is read from the lengths.
+        With ``max_new_tokens`` (a bound on how many tokens any row's length changed by, up or down) the update
+        has fixed shapes and no host synchronisation, so it can be captured in a CUDA graph; without it the span
+        is read from the lengths.
         """
+        check_lengths(seq_lens, self.seq_lens.shape[0], k_cache.shape[2] if k_cache.dim() == 4 else None)
         seq_lens = seq_lens.to(self.seq_lens.device).long()
-        first = torch.div(self.seq_lens, self.page_size, rounding_mode="floor")
-        last = torch.div((seq_lens - 1).clamp_min(0), self.page_size, rounding_mode="floor")
+        first = torch.div(torch.minimum(self.seq_lens, seq_lens), self.page_size, rounding_mode="floor")
+        last = torch.div((torch.maximum(self.seq_lens, seq_lens) - 1).clamp_min(0), self.page_size,
+                         rounding_mode="floor")
         if max_new_tokens is not None:
             span = (max_new_tokens + self.page_size - 2) // self.page_size + 1  # pages a run of new tokens can touch
         else:
@@ -483,9 +614,8 @@ class PageSummary:
         if (b, h, d) != (self.kmin.shape[0], self.kmin.shape[1], self.kmin.shape[3]):
             raise ValueError(f"k_cache: shape {list(k_cache.shape)} does not match the summary's "
                              f"{list(self.kmin.shape)}")
+        check_lengths(seq_lens, b, s_max)
         seq_lens = seq_lens.to(k_cache.device).long()
-        if seq_lens.shape != (b,):
-            raise ValueError(f"seq_lens: expected shape [{b}], got {list(seq_lens.shape)}")
         p = self.page_size
         positions = pages[:, :, None] * p + torch.arange(p, device=k_cache.device)  # [B, n, P]
         valid = positions < torch.clamp_max(seq_lens, s_max)[:, None, None]

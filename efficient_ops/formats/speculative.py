@@ -78,6 +78,8 @@ def tree_positions(parents: torch.Tensor, prefix_lens: torch.Tensor) -> torch.Te
     depth = tree_depths(parents)
     if not isinstance(prefix_lens, torch.Tensor) or prefix_lens.dim() != 1:
         raise ValueError("prefix_lens: expected a 1-D tensor [B]")
+    if prefix_lens.dtype.is_floating_point or prefix_lens.dtype.is_complex or prefix_lens.dtype == torch.bool:
+        raise TypeError(f"prefix_lens: expected an integer tensor, got {prefix_lens.dtype}")
     if depth.shape[0] == 1 and prefix_lens.shape[0] > 1:
         depth = depth.expand(prefix_lens.shape[0], -1)
     if prefix_lens.shape[0] != depth.shape[0]:

@@ -12,7 +12,7 @@ def target_linears(model: nn.Module, skip: Iterable[str]) -> List[Tuple[str, nn.
     """Every ``nn.Linear`` of ``model`` by dotted name, except the skipped ones. A ``skip`` entry matches a
     whole run of name components: "lm_head" matches "lm_head" and "model.lm_head"; "layers.0" matches
     everything under it."""
-    skip = tuple(skip)
+    skip = (skip,) if isinstance(skip, str) else tuple(skip or ())  # "lm_head" is one name, not 7 letters
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not any(f".{s}." in f".{name}." for s in skip)]
 

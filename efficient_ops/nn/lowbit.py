@@ -22,7 +22,8 @@ def _packed_buffers(module: nn.Module, suffix: str, out_features: int, in_featur
 
 
 def _default_scale_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+    """As :func:`quantize_weight`: the weight's dtype (float32 for float64)."""
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
 
 
 class QuantLinear(nn.Module):

@@ -83,6 +83,13 @@ class RSparseLinear(nn.Module):
         return torch.ops.efficient_ops.rsparse_linear(x, self.weight_t, self.col_norms, self.threshold, self.v,
                                                       self.us_t, self.bias, self.backend)
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) cast every floating buffer; the mask is computed from float32 column norms
+        # exactly as calibrated, so they stay float32 (moves between devices still apply).
+        super()._apply(fn, recurse)
+        self.col_norms = self.col_norms.float()
+        return self
+
     def get_extra_state(self) -> dict:
         return {"threshold": self.threshold, "alpha": self.alpha, "sparsity": self.sparsity}
 

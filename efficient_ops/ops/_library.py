@@ -26,6 +26,21 @@ def checking_values(t: torch.Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
+def interpreter_unsupported(backend: str, *tensors: torch.Tensor) -> "str | None":
+    """Why ``backend`` cannot run bfloat16 here: the Triton interpreter (CPU tensors) computes bfloat16 ``tl.dot``
+    and int->bfloat16 casts wrongly, so it is refused rather than returning garbage. None when it can run."""
+    if backend == "triton" and any(t.device.type == "cpu" and t.dtype == torch.bfloat16 for t in tensors):
+        return ("the triton backend cannot run bfloat16 under the Triton interpreter (CPU tensors): it computes "
+                "bfloat16 dots wrongly; use float16, or bfloat16 on a GPU")
+    return None
+
+
+def check_finite_scale(scale) -> None:
+    """An explicit softmax ``scale`` must be a finite number."""
+    if scale is not None and not (isinstance(scale, (int, float)) and abs(float(scale)) < float("inf")):
+        raise ValueError(f"scale: expected a finite number or None, got {scale!r}")
+
+
 def stream(t: torch.Tensor) -> int:
     """The raw handle of the current CUDA stream on ``t``'s device (what the bindings launch on)."""
     return torch.cuda.current_stream(t.device).cuda_stream

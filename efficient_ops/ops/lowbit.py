@@ -13,9 +13,10 @@ import torch
 
 from .. import backends
 from ..formats.lowbit import (MixedQuantizedWeight, QuantizedWeight, dequantize_mixed, dequantize_packed,
-                              effective_group_size, get_format, padded_in_features, validate_packed, validate_perm)
+                              check_perm_values, effective_group_size, get_format, padded_in_features, validate_packed,
+                              validate_perm)
 from ..reference import lowbit as reference
-from ._library import DTYPE_NAMES, check_bias, impl, lib, stream
+from ._library import DTYPE_NAMES, check_bias, checking_values, impl, interpreter_unsupported, lib, stream
 
 CUDA_MAX_M = 16
 CUDA_MAX_K = 2 ** 20  # the GEMV's K_pad limit (chunk -> group index by a 32-bit multiply)
@@ -29,23 +30,28 @@ lib.define("lowbit_gemm_mixed(Tensor x, Tensor perm, Tensor qweight_a, Tensor sc
 
 
 def _check_x_bias(x, bias, n, in_features):
-    if x.dtype not in X_DTYPES:
-        raise TypeError(f"x: expected float16, bfloat16 or float32, got {x.dtype}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in X_DTYPES:
+        raise TypeError(f"x: expected a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x: last dimension must be in_features={in_features}, got shape {tuple(x.shape)}")
     check_bias(bias, n, x)
 
 
 def _check(x, qweight, scales, zeros, bias, bits, group_size, in_features):
+    _check_x_bias(x, None, 0, in_features)
     validate_packed(qweight, scales, zeros, bits, group_size, in_features)
     if qweight.device != x.device:
         raise ValueError(f"qweight: on {qweight.device}, but x is on {x.device}")
     _check_x_bias(x, bias, qweight.shape[0], in_features)
 
 
-def _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features):
+def _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features,
+                 values=True):
     in_features = perm.shape[0] if isinstance(perm, torch.Tensor) and perm.dim() == 1 else -1
+    _check_x_bias(x, None, 0, in_features)
     validate_perm(perm, salient_features, in_features, x.device)
+    if values and checking_values(perm):  # inside graph capture the kernels clamp perm[j] instead
+        check_perm_values(perm)
     for suffix, (qw, s, z, bits, group, k) in (("_a", (qa, sa, za, bits_a, group_a, salient_features)),
                                                ("_b", (qb, sb, zb, bits_b, group_b, in_features - salient_features))):
         try:
@@ -65,7 +71,7 @@ def _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b,
 def _unsupported(backend: str, m: int, x: torch.Tensor, scales: torch.Tensor, parts) -> Optional[str]:
     """Why ``backend`` cannot run this call (None if it can); ``parts``: (bits, in_features) per packed part."""
     if backend != "cuda":
-        return None
+        return interpreter_unsupported(backend, x, scales)
     if m > CUDA_MAX_M:
         return (f"the cuda backend of lowbit_gemm is the decode GEMV for M <= {CUDA_MAX_M} rows "
                 f"(got M={m}); use backend='triton' for larger M")
@@ -149,7 +155,8 @@ def _lowbit_gemm_fake(x, qweight, scales, zeros, bias, bits, group_size, in_feat
 @torch.library.register_fake("efficient_ops::lowbit_gemm_mixed")
 def _lowbit_gemm_mixed_fake(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b,
                             salient_features, backend=None):
-    _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features)
+    _check_mixed(x, perm, qa, sa, za, qb, sb, zb, bias, bits_a, group_a, bits_b, group_b, salient_features,
+                 values=False)
     return x.new_empty((*x.shape[:-1], qa.shape[0]))
 
 

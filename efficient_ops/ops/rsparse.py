@@ -14,8 +14,8 @@ import torch
 
 from .. import backends
 from ..reference import rsparse as reference
-from ..formats.rsparse import DTYPES, RSparseWeights, active_mask, validate_weights
-from ._library import DTYPE_NAMES, KERNEL_DTYPES, check_bias, impl, lib, stream
+from ..formats.rsparse import DTYPES, RSparseWeights, active_mask, check_col_norms_values, validate_weights
+from ._library import DTYPE_NAMES, KERNEL_DTYPES, check_bias, checking_values, impl, interpreter_unsupported, lib, stream
 
 CUDA_MAX_M = 8
 
@@ -23,8 +23,10 @@ lib.define("rsparse_linear(Tensor x, Tensor weight_t, Tensor col_norms, float th
            "Tensor? bias, str? backend=None) -> Tensor")
 
 
-def _check(x, weight_t, col_norms, threshold, v, us_t, bias):
+def _check(x, weight_t, col_norms, threshold, v, us_t, bias, values=True):
     validate_weights(weight_t, col_norms, threshold, v, us_t)
+    if values and checking_values(col_norms):
+        check_col_norms_values(col_norms)
     if not isinstance(x, torch.Tensor) or x.dtype not in DTYPES:
         raise TypeError(f"x: expected a float16, bfloat16, float32 or float64 tensor, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
@@ -44,6 +46,9 @@ def _unsupported(backend: str, m: int, x: torch.Tensor) -> Optional[str]:
         return None
     if x.dtype not in KERNEL_DTYPES:
         return f"the {backend} backend of rsparse_linear needs float16/bfloat16 (got {x.dtype})"
+    reason = interpreter_unsupported(backend, x)
+    if reason:
+        return reason
     if backend == "cuda" and m > CUDA_MAX_M:
         return (f"the cuda backend of rsparse_linear is the decode kernel for M <= {CUDA_MAX_M} rows (got M={m}); "
                 "use backend='triton' for larger M")
@@ -95,7 +100,7 @@ impl("rsparse_linear", _rsparse_linear)
 
 @torch.library.register_fake("efficient_ops::rsparse_linear")
 def _rsparse_linear_fake(x, weight_t, col_norms, threshold, v, us_t, bias, backend=None):
-    _check(x, weight_t, col_norms, threshold, v, us_t, bias)
+    _check(x, weight_t, col_norms, threshold, v, us_t, bias, values=False)
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -140,5 +145,7 @@ def rsparse_linear(x: torch.Tensor, rw: RSparseWeights, bias: Optional[torch.Ten
     """
     if not isinstance(rw, RSparseWeights):
         raise TypeError(f"rw: expected RSparseWeights, got {type(rw).__name__}")
+    if not isinstance(rw.threshold, (int, float)):  # the schema's float would reject it without naming it
+        raise TypeError(f"threshold: expected a float, got {type(rw.threshold).__name__}")
     return torch.ops.efficient_ops.rsparse_linear(x, rw.weight_t, rw.col_norms, rw.threshold, rw.v, rw.us_t, bias,
                                                   backend)

@@ -16,9 +16,10 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import backends
-from ..formats.sparse_attention import PAGE_SIZES, BlockSparseMask, PageSummary, validate_block_mask
+from ..formats.sparse_attention import PAGE_SIZES, BlockSparseMask, PageSummary, check_lengths, validate_block_mask
 from ..reference import sparse_attention as reference
-from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
+from ._library import (DTYPE_NAMES, KERNEL_DTYPES, check_finite_scale, checking_values, impl, interpreter_unsupported,
+                       lib, sm_count, stream)
 
 KERNEL_HEAD_DIMS = {"cuda": (64, 128), "triton": (64, 128, 256)}  # head_dim 256: block-sparse prefill on Triton
 CUDA_MAX_GROUP = 16  # query heads per KV head in the CUDA decode kernel
@@ -61,7 +62,7 @@ def _kernel_unsupported(op, backend, q, tensors) -> Optional[str]:
     for name, t in tensors.items():
         if t.stride(-1) != 1:
             return f"the {backend} backend of {op} needs {name}'s last dimension contiguous"
-    return None
+    return interpreter_unsupported(backend, q)
 
 
 # ---------------------------------------------------------------------------------------------------- prefill
@@ -94,17 +95,23 @@ def _run_block_sparse_triton(*args):
 _PREFILL_RUNNERS = {"cuda": _run_block_sparse_cuda, "triton": _run_block_sparse_triton}
 
 
-def _block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None, backend=None):
+def _check_block_sparse(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, values=True):
     _check_attention_inputs(q, k, v, 4)
     validate_block_mask(kv_num_blocks, kv_indices, block_m, block_n, q.shape[2], k.shape[2], batch=q.shape[0],
-                        heads=q.shape[1], device=q.device, values=checking_values(kv_indices))
+                        heads=q.shape[1], device=q.device, values=values and checking_values(kv_indices))
+    check_finite_scale(scale)
+
+
+def _block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None, backend=None):
+    _check_block_sparse(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = backends.select("block_sparse_attention", q.device, backend,
                            lambda bk: _kernel_unsupported("block_sparse_attention", bk, q, {"q": q, "k": k, "v": v}))
     if name == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return reference.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale)
-    if kv_indices.stride(-1) != 1:
-        kv_indices = kv_indices.contiguous()
+    # The kernels read kv_num_blocks with unit stride along the query blocks (the CUDA binding takes two of its
+    # strides, Triton indexes + m_block) and kv_indices' last dim with unit stride: a few bytes to copy.
+    kv_num_blocks, kv_indices = kv_num_blocks.contiguous(), kv_indices.contiguous()
     with backends.device_guard(q.device):
         return _PREFILL_RUNNERS[name](q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale)
 
@@ -115,27 +122,30 @@ impl("block_sparse_attention", _block_sparse_attention)
 @torch.library.register_fake("efficient_ops::block_sparse_attention")
 def _block_sparse_attention_fake(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, causal, scale=None,
                                  backend=None):
+    _check_block_sparse(q, k, v, kv_num_blocks, kv_indices, block_m, block_n, scale, values=False)
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------- decode
 
-def _check_decode(q, k_cache, v_cache, seq_lens, page_size):
+def _check_decode(q, k_cache, v_cache, seq_lens, page_size, scale, values=True):
     _check_attention_inputs(q, k_cache, v_cache, 3, ("q", "k_cache", "v_cache"))
     if page_size not in PAGE_SIZES:
         raise ValueError(f"page_size: must be one of {PAGE_SIZES}, got {page_size}")
-    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype.is_floating_point or seq_lens.shape != (q.shape[0],):
-        raise ValueError(f"seq_lens: expected an integer tensor of shape [{q.shape[0]}]")
+    check_finite_scale(scale)
+    check_lengths(seq_lens, q.shape[0], k_cache.shape[2] if values else None)
     if seq_lens.device != q.device:
         raise ValueError(f"seq_lens: on {seq_lens.device}, but q is on {q.device}")
-    if checking_values(seq_lens) and ((seq_lens < 0) | (seq_lens > k_cache.shape[2])).any():
-        raise ValueError(f"seq_lens: every entry must be in [0, S_max = {k_cache.shape[2]}]")
 
 
-def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
-    if not isinstance(q, torch.Tensor) or q.dim() != 3:
-        raise ValueError(f"q: expected [B, Hq, D], got {list(getattr(q, 'shape', []))}")
+def _check_select_pages(q, kmin, kmax, seq_lens, page_size, token_budget, values=True):
+    if not isinstance(q, torch.Tensor) or q.dim() != 3 or not q.is_floating_point():
+        raise ValueError(f"q: expected a floating-point [B, Hq, D] tensor, got {getattr(q, 'dtype', None)} "
+                         f"{list(getattr(q, 'shape', []))}")
     b, hq, d = q.shape
+    for name, t in (("kmin", kmin), ("kmax", kmax)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device != q.device:
+            raise ValueError(f"{name}: expected a floating-point tensor on q's device {q.device}")
     if kmin.dim() != 4 or kmin.shape != kmax.shape or kmin.shape[0] != b or kmin.shape[3] != d:
         raise ValueError(f"kmin, kmax: expected equal shapes [B={b}, Hkv, n_pages, D={d}], got {list(kmin.shape)} "
                          f"and {list(kmax.shape)}")
@@ -145,8 +155,13 @@ def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
     if page_size not in PAGE_SIZES or token_budget < 1:
         raise ValueError(f"page_size, token_budget: need page_size in {PAGE_SIZES} and token_budget >= 1, got "
                          f"{page_size}, {token_budget}")
-    if seq_lens.shape != (b,) or seq_lens.dtype.is_floating_point or seq_lens.device != q.device:
-        raise ValueError(f"seq_lens: expected an integer tensor [{b}] on {q.device}")
+    check_lengths(seq_lens, b, kmin.shape[2] * page_size if values else None)  # S_max as far as the summary knows
+    if seq_lens.device != q.device:
+        raise ValueError(f"seq_lens: on {seq_lens.device}, but q is on {q.device}")
+
+
+def _select_pages(q, kmin, kmax, seq_lens, page_size, token_budget):
+    _check_select_pages(q, kmin, kmax, seq_lens, page_size, token_budget)
     return reference.select_pages_batched(q, kmin, kmax, seq_lens, page_size, token_budget)
 
 
@@ -155,11 +170,12 @@ impl("select_pages", _select_pages)
 
 @torch.library.register_fake("efficient_ops::select_pages")
 def _select_pages_fake(q, kmin, kmax, seq_lens, page_size, token_budget):
+    _check_select_pages(q, kmin, kmax, seq_lens, page_size, token_budget, values=False)
     n_sel = min(max(2, token_budget // page_size), kmin.shape[2])
     return q.new_empty((q.shape[0], kmin.shape[1], n_sel), dtype=torch.int32)
 
 
-def _check_pages(page_indices, q, k_cache, page_size):
+def _check_pages(page_indices, q, k_cache, page_size, values=True):
     b, hkv, s_max = q.shape[0], k_cache.shape[1], k_cache.shape[2]
     if not isinstance(page_indices, torch.Tensor) or page_indices.dtype != torch.int32 or page_indices.dim() != 3 \
             or page_indices.shape[:2] != (b, hkv):
@@ -167,7 +183,7 @@ def _check_pages(page_indices, q, k_cache, page_size):
                          f"{getattr(page_indices, 'dtype', None)} {list(getattr(page_indices, 'shape', []))}")
     if page_indices.device != q.device:
         raise ValueError(f"page_indices: on {page_indices.device}, but q is on {q.device}")
-    if checking_values(page_indices) and page_indices.numel():
+    if values and checking_values(page_indices) and page_indices.numel():
         n_pages = -(-s_max // page_size)
         if ((page_indices < -1) | (page_indices >= n_pages)).any():
             raise ValueError(f"page_indices: entries must be -1 (unused) or pages in [0, {n_pages})")
@@ -210,7 +226,7 @@ def _decode_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
 
 
 def _paged_sparse_decode(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale=None, backend=None):
-    _check_decode(q, k_cache, v_cache, seq_lens, page_size)
+    _check_decode(q, k_cache, v_cache, seq_lens, page_size, scale, values=checking_values(seq_lens))
     _check_pages(page_indices, q, k_cache, page_size)
     pages = page_indices
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
@@ -228,6 +244,8 @@ impl("paged_sparse_decode", _paged_sparse_decode)
 
 @torch.library.register_fake("efficient_ops::paged_sparse_decode")
 def _paged_sparse_decode_fake(q, k_cache, v_cache, seq_lens, page_indices, page_size, scale=None, backend=None):
+    _check_decode(q, k_cache, v_cache, seq_lens, page_size, scale, values=False)
+    _check_pages(page_indices, q, k_cache, page_size, values=False)
     return torch.empty_like(q)
 
 

@@ -23,7 +23,8 @@ import torch
 from .. import backends
 from ..formats.speculative import tree_children, tree_depths, validate_parents
 from ..reference import speculative as reference
-from ._library import DTYPE_NAMES, KERNEL_DTYPES, checking_values, impl, lib, sm_count, stream
+from ._library import (DTYPE_NAMES, KERNEL_DTYPES, check_finite_scale, checking_values, impl, interpreter_unsupported,
+                       lib, sm_count, stream)
 
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MAX_TREE = 256
@@ -56,20 +57,21 @@ def _check_same_device(device, **tensors):
             raise ValueError(f"{name}: on {t.device}, but q is on {device}")
 
 
-def _check_parents(parents, b: int, t: int, device) -> None:
+def _check_parents(parents, b: int, t: int, device, values=True) -> None:
     _check_int(parents, "parents")
     if parents.dim() not in (1, 2) or parents.shape[-1] != t or (parents.dim() == 2 and parents.shape[0] not in (1, b)):
         raise ValueError(f"parents: expected shape [{t}] or [{b}, {t}] (T from the other inputs), got "
                          f"{list(parents.shape)}")
     if parents.device != device:
         raise ValueError(f"parents: on {parents.device}, but the other inputs are on {device}")
-    if checking_values(parents):
+    if values and checking_values(parents):
         validate_parents(parents)
 
 
 # ---------------------------------------------------------------------------------------------------- tree attention
 
-def _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents):
+def _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, values=True):
+    check_finite_scale(scale)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
@@ -92,8 +94,8 @@ def _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents):
             raise TypeError(f"{name}: dtype {c.dtype} differs from q's {q.dtype}")
     _check_same_device(q.device, k_cache=k_cache, v_cache=v_cache, prefix_lens=prefix_lens)
     _check_int(prefix_lens, "prefix_lens", (b,))
-    _check_parents(parents, b, t, q.device)
-    if checking_values(prefix_lens) and b and ((prefix_lens < 0) | (prefix_lens > s_max - t)).any():
+    _check_parents(parents, b, t, q.device, values)
+    if values and checking_values(prefix_lens) and b and ((prefix_lens < 0) | (prefix_lens > s_max - t)).any():
         raise ValueError(f"prefix_lens: every entry must be in [0, S_max - T] = [0, {s_max - t}] (the tree tokens sit "
                          f"at prefix_len .. prefix_len + T - 1), got {prefix_lens.tolist()}")
 
@@ -111,7 +113,7 @@ def _tree_attention_unsupported(backend, q, k_cache, v_cache) -> Optional[str]:
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
             return f"the {backend} backend of tree_attention needs {name}'s last dimension contiguous"
-    return None
+    return interpreter_unsupported(backend, q)
 
 
 def _run_tree_attention_cuda(q, k_cache, v_cache, prefix_lens, parents, scale):
@@ -142,7 +144,7 @@ _TREE_RUNNERS = {"cuda": _run_tree_attention_cuda, "triton": _run_tree_attention
 
 
 def _tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale=None, backend=None):
-    _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents)
+    _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = backends.select("tree_attention", q.device, backend,
                            lambda bk: _tree_attention_unsupported(bk, q, k_cache, v_cache))
@@ -158,12 +160,13 @@ impl("tree_attention", _tree_attention)
 
 @torch.library.register_fake("efficient_ops::tree_attention")
 def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, parents, scale=None, backend=None):
+    _check_tree_attention(q, k_cache, v_cache, prefix_lens, parents, scale, values=False)
     return torch.empty_like(q)
 
 
 # ---------------------------------------------------------------------------------------------------- merge
 
-def _merge_attention_states(o_a, lse_a, o_b, lse_b):
+def _check_merge(o_a, lse_a, o_b, lse_b, values=True):
     for name, o in (("o_a", o_a), ("o_b", o_b)):
         if not isinstance(o, torch.Tensor) or not o.is_floating_point() or o.dim() < 1:
             raise TypeError(f"{name}: expected a floating-point tensor [..., D]")
@@ -175,6 +178,14 @@ def _merge_attention_states(o_a, lse_a, o_b, lse_b):
             raise ValueError(f"{name}: expected float32 of shape {list(o_a.shape[:-1])}, got "
                              f"{getattr(lse, 'dtype', None)} {list(getattr(lse, 'shape', []))}")
     _check_same_device(o_a.device, o_b=o_b, lse_a=lse_a, lse_b=lse_b)
+    if values and checking_values(lse_a):
+        for name, lse in (("lse_a", lse_a), ("lse_b", lse_b)):
+            if (torch.isnan(lse) | torch.isposinf(lse)).any():
+                raise ValueError(f"{name}: a log-sum-exp is finite, or -inf for no keys; got NaN or +inf")
+
+
+def _merge_attention_states(o_a, lse_a, o_b, lse_b):
+    _check_merge(o_a, lse_a, o_b, lse_b)
     return reference.merge_attention_states(o_a, lse_a, o_b, lse_b)
 
 
@@ -183,43 +194,71 @@ impl("merge_attention_states", _merge_attention_states)
 
 @torch.library.register_fake("efficient_ops::merge_attention_states")
 def _merge_attention_states_fake(o_a, lse_a, o_b, lse_b):
+    _check_merge(o_a, lse_a, o_b, lse_b, values=False)
     return torch.empty_like(o_a), torch.empty_like(lse_a)
 
 
 # ---------------------------------------------------------------------------------------------------- verification
 
-def _check_verify(tokens, parents, probs, probs_name):
+def _check_distributions(probs, name, rows=None):
+    """Rows of ``probs`` [B, T, V] (those ``rows`` [B, T] selects, default all) are probability distributions:
+    finite, non-negative, summing to 1 (1e-3; 1e-2 in 16-bit). Both backends assume it and disagree without it."""
+    tol = 1e-2 if probs.element_size() == 2 else 1e-3
+    bad = ~torch.isfinite(probs).all(-1) | (probs < 0).any(-1) | ((probs.sum(-1, dtype=torch.float64) - 1).abs() > tol)
+    if rows is not None:
+        bad &= rows
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"{name}: row [{b}, {i}] is not a probability distribution (finite, >= 0, sum 1 +- {tol}; "
+                         f"sum {float(probs[b, i].sum(dtype=torch.float64)):.4g}): pass softmax outputs, not logits")
+
+
+def _empty_verify(tokens, parents):
+    """The outputs of a verify op for a batch of 0 rows."""
+    depth = int(tree_depths(parents).max()) if parents.dim() == 1 or parents.shape[0] else 0
+    return tokens.new_zeros((0,)).long(), tokens.new_zeros((0, depth + 1)).long(), tokens.new_zeros((0,)).long()
+
+
+def _check_verify(tokens, parents, probs, probs_name, values=True):
     _check_int(tokens, "tokens")
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens: expected shape [B, T] with T >= 1, got {list(tokens.shape)}")
     b, t = tokens.shape
-    _check_parents(parents, b, t, tokens.device)
+    _check_parents(parents, b, t, tokens.device, values)
     if not isinstance(probs, torch.Tensor) or not probs.is_floating_point():
         raise TypeError(f"{probs_name}: expected a floating-point tensor [B, T, V]")
     if probs.dim() != 3 or probs.shape[:2] != (b, t) or probs.shape[2] == 0:
         raise ValueError(f"{probs_name}: expected shape [B={b}, T={t}, V], got {list(probs.shape)}")
     if probs.device != tokens.device:
         raise ValueError(f"{probs_name}: on {probs.device}, but tokens are on {tokens.device}")
-    if checking_values(tokens) and ((tokens < 0) | (tokens >= probs.shape[2])).any():
+    if values and checking_values(tokens) and ((tokens < 0) | (tokens >= probs.shape[2])).any():
         raise ValueError(f"tokens: every token must be in [0, V = {probs.shape[2]})")
     return b, t, (parents if parents.dim() == 2 else parents[None]).long().expand(b, t)
 
 
 def _verify_greedy(tokens, parents, target_logits):
-    _, _, parents = _check_verify(tokens, parents, target_logits, "target_logits")
+    b, _, expanded = _check_verify(tokens, parents, target_logits, "target_logits")
+    if b == 0:
+        return _empty_verify(tokens, parents)
+    if checking_values(target_logits) and torch.isnan(target_logits).any():  # argmax would take the NaN
+        raise ValueError("target_logits: contains NaN")
+    parents = expanded
     return reference.verify_greedy_batched(tokens, parents, target_logits)
 
 
 impl("verify_greedy", _verify_greedy)
 
 
-def _verify_fake(tokens, parents, probs, *args, **kwargs):
+def _verify_fake(tokens, parents, probs, *args, probs_name="target_probs", **kwargs):
+    _check_verify(tokens, parents, probs, probs_name, values=False)
     b = tokens.shape[0]
     max_depth = torch.library.get_ctx().new_dynamic_size()
     return (tokens.new_empty((b,)), tokens.new_empty((b, max_depth + 1)), tokens.new_empty((b,)))
 
 
-torch.library.register_fake("efficient_ops::verify_greedy")(_verify_fake)
+@torch.library.register_fake("efficient_ops::verify_greedy")
+def _verify_greedy_fake(tokens, parents, target_logits):
+    return _verify_fake(tokens, parents, target_logits, probs_name="target_logits")
 
 
 def verify_sampling_with_uniforms(tokens, parents, target_probs, draft_probs, mode, u_accept, u_final,
@@ -241,7 +280,7 @@ def _verify_sampling_unsupported(backend) -> Optional[str]:
 
 
 def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator=None, backend=None):
-    b, t, parents = _check_verify(tokens, parents, target_probs, "target_probs")
+    b, t, expanded = _check_verify(tokens, parents, target_probs, "target_probs")
     if not isinstance(draft_probs, torch.Tensor) or draft_probs.shape != target_probs.shape:
         raise ValueError(f"draft_probs: expected the shape of target_probs {list(target_probs.shape)}, got "
                          f"{list(getattr(draft_probs, 'shape', []))}")
@@ -249,6 +288,15 @@ def _verify_sampling(tokens, parents, target_probs, draft_probs, mode, generator
         raise TypeError(f"draft_probs: expected a floating-point tensor on {tokens.device}")
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if b == 0:
+        return _empty_verify(tokens, parents)
+    parents = expanded
+    if checking_values(target_probs):
+        _check_distributions(target_probs, "target_probs")
+        if mode != "deterministic":  # q is read at the nodes whose children are tested
+            has_children = torch.zeros(b, t, dtype=torch.bool, device=tokens.device)
+            has_children.scatter_(1, parents[:, 1:], True)
+            _check_distributions(draft_probs, "draft_probs", has_children)
     u_accept = torch.rand((b, t), generator=generator, device=tokens.device, dtype=torch.float64)
     u_final = torch.rand((b,), generator=generator, device=tokens.device, dtype=torch.float64)
     name = backends.select("verify_sampling", tokens.device, backend, _verify_sampling_unsupported)
@@ -260,7 +308,15 @@ torch.library.register_fake("efficient_ops::verify_sampling")(_verify_fake)
 
 
 def _verify_typical(tokens, parents, target_probs, posterior_threshold=0.09, posterior_alpha=0.3):
-    _, _, parents = _check_verify(tokens, parents, target_probs, "target_probs")
+    b, _, expanded = _check_verify(tokens, parents, target_probs, "target_probs")
+    for name, value in (("posterior_threshold", posterior_threshold), ("posterior_alpha", posterior_alpha)):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if b == 0:
+        return _empty_verify(tokens, parents)
+    if checking_values(target_probs):
+        _check_distributions(target_probs, "target_probs")
+    parents = expanded
     return reference.verify_typical_batched(tokens, parents, target_probs, posterior_threshold, posterior_alpha)
 
 
@@ -270,7 +326,7 @@ torch.library.register_fake("efficient_ops::verify_typical")(_verify_fake)
 
 # ---------------------------------------------------------------------------------------------------- KV compaction
 
-def _check_compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len):
+def _check_compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, values=True):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(c, torch.Tensor) or c.dim() not in (4, 5):
             raise ValueError(f"{name}: expected [B, Hkv, S_max, D] or [L, B, Hkv, S_max, D], got "
@@ -288,7 +344,7 @@ def _check_compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len)
                     ("accept_len", accept_len)):
         if t.device != k_cache.device:
             raise ValueError(f"{name}: on {t.device}, but k_cache is on {k_cache.device}")
-    if not checking_values(k_cache) or b == 0:
+    if not values or not checking_values(k_cache) or b == 0:
         return
     p = accepted_nodes.shape[1]
     if ((accept_len < 0) | (accept_len >= p)).any():
@@ -352,6 +408,7 @@ impl("compact_kv", _compact_kv)
 
 @torch.library.register_fake("efficient_ops::compact_kv")
 def _compact_kv_fake(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, backend=None):
+    _check_compact_kv(k_cache, v_cache, prefix_lens, accepted_nodes, accept_len, values=False)
     return torch.empty_like(prefix_lens)
 
 

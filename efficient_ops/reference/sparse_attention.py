@@ -7,6 +7,8 @@ from typing import Tuple
 
 import torch
 
+from ..formats.sparse_attention import listed_blocks
+
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -19,15 +21,15 @@ def _masked_attention(q, k, v, allowed, scale) -> Tuple[torch.Tensor, torch.Tens
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     weights = torch.where(allowed, torch.exp(scores - torch.where(torch.isfinite(lse), lse, 0)[..., None]), 0)
-    return (weights @ v.to(compute)).to(q.dtype), lse.float()
+    # keys no row attends (unselected blocks, cache tails, unlisted pages) may hold anything, NaN from an
+    # uninitialised cache included: 0 * NaN would reach every output, so they are zeroed, not just weighted 0
+    v = torch.where(allowed.any(-2)[..., None], v.to(compute), 0)
+    return (weights @ v).to(q.dtype), lse.float()
 
 
 def element_mask(kv_num_blocks, kv_indices, block_m, block_n, q_len, kv_len, causal) -> torch.Tensor:
     """Bool [B|1, H|1, Sq, Skv]: which keys each query row attends."""
-    nk = kv_indices.shape[-1]
-    listed = torch.arange(nk, device=kv_indices.device) < kv_num_blocks[..., None].long()
-    blocks = torch.zeros(kv_indices.shape, dtype=torch.bool, device=kv_indices.device)
-    blocks.scatter_(-1, kv_indices.long(), listed)
+    blocks = listed_blocks(kv_num_blocks, kv_indices)  # only the listed entries of kv_indices count
     rows = torch.arange(q_len, device=kv_indices.device)
     cols = torch.arange(kv_len, device=kv_indices.device)
     allowed = blocks[:, :, rows // block_m][..., cols // block_n]

@@ -43,7 +43,9 @@ def merge_attention_states(o_a, lse_a, o_b, lse_b) -> Tuple[torch.Tensor, torch.
     finite = torch.isfinite(lse)
     w_a = torch.where(finite, torch.exp(lse_a.to(compute) - lse), 0.0)
     w_b = torch.where(finite, torch.exp(lse_b.to(compute) - lse), 0.0)
-    o = w_a[..., None] * o_a.to(compute) + w_b[..., None] * o_b.to(compute)
+    # a side with no keys (weight 0) may carry any output, NaN included: it is skipped, not multiplied by 0
+    o = torch.where(w_a[..., None] > 0, w_a[..., None] * o_a.to(compute), 0.0) + \
+        torch.where(w_b[..., None] > 0, w_b[..., None] * o_b.to(compute), 0.0)
     return o.to(o_a.dtype), lse.float()
 
 
