@@ -202,7 +202,7 @@ def _unique_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
         if key.endswith("_extra_state"):
             continue  # R-Sparse scalars live in config.json
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if ident in seen:
+        if t.numel() and ident in seen:  # empty tensors (rank-0 R-Sparse factors) share no storage
             continue
         seen.add(ident)
         tensors[key] = t.detach().to("cpu").contiguous()

@@ -6,12 +6,22 @@ and swaps every listed ``nn.Linear`` for the empty efficient_ops module of its e
 loads the packed tensors into those modules' buffers unchanged (the empty modules carry the saved dtypes).
 """
 
+from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checkpoint import FORMAT_VERSION, QUANT_METHOD, build_module, check_checkpoint_tensors, check_quantization_config
 from .convert import replace_module
+from .rsparse import RSparseLinear
+
+
+class _LoadedRSparseLinear(RSparseLinear):
+    """An RSparseLinear whose state dict holds tensors only: transformers' loader handles no extra state (the
+    scalars come from ``quantization_config``, and :func:`~efficient_ops.nn.save_quantized` writes them there)."""
+
+    get_extra_state = nn.Module.get_extra_state
+    set_extra_state = nn.Module.set_extra_state
 
 
 class EfficientOpsConfig(QuantizationConfigMixin):
@@ -37,15 +47,19 @@ class EfficientOpsHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         qc = self.quantization_config.to_dict()
-        if checkpoint_files:
-            check_checkpoint_tensors(qc, [f for f in checkpoint_files if str(f).endswith(".safetensors")])
-        for name, spec in qc["layers"].items():
+        for name in qc["layers"]:
             try:
                 model.get_submodule(name)
             except AttributeError:
                 raise ValueError(f"quantization_config.layers: {name!r} is not a module of "
                                  f"{type(model).__name__}") from None
-            replace_module(model, name, build_module(name, spec, device="meta"))
+        if checkpoint_files:
+            check_checkpoint_tensors(qc, [f for f in checkpoint_files if str(f).endswith(".safetensors")])
+        for name, spec in qc["layers"].items():
+            module = build_module(name, spec, device="meta")
+            if isinstance(module, RSparseLinear):
+                module.__class__ = _LoadedRSparseLinear
+            replace_module(model, name, module)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
