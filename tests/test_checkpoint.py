@@ -14,8 +14,16 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from efficient_ops.nn import (MixedQuantLinear, QuantLinear, RSparseLinear, load_quantized,  # noqa: E402
-                              quantize_model, register_hf_quantizer, rsparsify_model, save_quantized)
+from efficient_ops.nn import (  # noqa: E402
+    MixedQuantLinear,
+    QuantLinear,
+    RSparseLinear,
+    load_quantized,
+    quantize_model,
+    register_hf_quantizer,
+    rsparsify_model,
+    save_quantized,
+)
 
 
 def tiny_llama(seed=0):
@@ -77,7 +85,7 @@ def test_reload_is_bit_exact(saved):
 
 
 def test_from_pretrained_after_registering(saved):
-    name, model, folder = saved
+    _, model, folder = saved
     register_hf_quantizer()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     ids = torch.randint(0, 96, (1, 9), generator=torch.Generator().manual_seed(6))

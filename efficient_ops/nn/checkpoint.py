@@ -165,7 +165,7 @@ def check_checkpoint_tensors(qc: Dict, files: Iterable[Union[str, Path]]) -> Non
     found = {}
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 sl = f.get_slice(key)
                 found[key] = (tuple(sl.get_shape()), sl.get_dtype())
     for name, spec in qc["layers"].items():

@@ -7,11 +7,24 @@ loads the packed tensors into those modules' buffers unchanged (the empty module
 """
 
 from torch import nn
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .checkpoint import FORMAT_VERSION, QUANT_METHOD, build_module, check_checkpoint_tensors, check_quantization_config
+from .checkpoint import (
+    FORMAT_VERSION,
+    QUANT_METHOD,
+    build_module,
+    check_checkpoint_tensors,
+    check_quantization_config,
+)
 from .convert import replace_module
 from .rsparse import RSparseLinear
 

@@ -33,15 +33,24 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 import torch
-from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase, ReplicatedLinear, RowParallelLinear,
-                                               UnquantizedLinearMethod)
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    ReplicatedLinear,
+    RowParallelLinear,
+    UnquantizedLinearMethod,
+)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.utils import set_weight_attrs
 
 import efficient_ops
 from efficient_ops import MixedQuantizedWeight, QuantizedWeight, RSparseWeights
-from efficient_ops.nn.checkpoint import QUANT_METHOD, build_module, check_quantization_config
+from efficient_ops.nn.checkpoint import (
+    QUANT_METHOD,
+    build_module,
+    check_quantization_config,
+)
 
 # vLLM's fused layers and the checkpoint layers they hold, where the model does not say
 DEFAULT_PACKED_MODULES = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
