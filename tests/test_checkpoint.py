@@ -5,6 +5,8 @@ thing at fault."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -190,3 +192,9 @@ def test_smollm2_w4_round_trip(tmp_path):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
     assert transformers.AutoTokenizer.from_pretrained(tmp_path)("Paris").input_ids == tokenizer("Paris").input_ids
+
+
+def test_importing_the_package_imports_neither_vllm_nor_transformers():
+    code = "import sys, efficient_ops; print(sorted(m for m in ('vllm', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

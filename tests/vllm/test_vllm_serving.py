@@ -135,3 +135,14 @@ def test_missing_tensor_is_rejected(tmp_path):
     rc, _, err = serve(tmp_path, TINY_PROMPTS)
     assert rc != 0
     assert "model.layers.1.self_attn.k_proj.zeros" in err and "missing" in err, err[-3000:]
+
+
+def test_plugin_is_an_entry_point():
+    from importlib.metadata import entry_points
+
+    (plugin,) = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "efficient_ops"]
+    assert plugin.value == "efficient_ops.serving:register_vllm"
+    plugin.load()()
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    assert get_quantization_config("efficient_ops").__name__ == "EfficientOpsConfig"
