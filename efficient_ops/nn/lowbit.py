@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = get_format(bits).bits, group_size
         self.weight_dtype = dtype  # what dequantize_weight(self.quantized_weight) returns
+        self.grid: Optional[str] = None  # how the levels were picked, if known (dequantization ignores it)
         self.backend: Optional[str] = None
         _packed_buffers(self, "", out_features, in_features, bits, group_size,
                         scale_dtype or _default_scale_dtype(dtype), device)
@@ -60,8 +61,10 @@ class QuantLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
-        return cls.from_quantized(quantize_weight(linear.weight, bits=bits, group_size=group_size, **quantize_kwargs),
-                                  linear.bias)
+        module = cls.from_quantized(quantize_weight(linear.weight, bits=bits, group_size=group_size,
+                                                    **quantize_kwargs), linear.bias)
+        module.grid = quantize_kwargs.get("grid") or get_format(bits).default_grid
+        return module
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Optional[torch.Tensor] = None) -> "QuantLinear":
@@ -108,6 +111,8 @@ class MixedQuantLinear(nn.Module):
         self.bits_a, self.group_size_a = get_format(salient_bits).bits, salient_group_size
         self.bits_b, self.group_size_b = get_format(rest_bits).bits, rest_group_size
         self.weight_dtype = dtype
+        self.grid_a: Optional[str] = None  # how each part's levels were picked, if known
+        self.grid_b: Optional[str] = None
         self.backend: Optional[str] = None
         scale_dtype = scale_dtype or _default_scale_dtype(dtype)
         self.register_buffer("perm", torch.arange(in_features, dtype=torch.int32, device=device))
@@ -125,7 +130,10 @@ class MixedQuantLinear(nn.Module):
             raise TypeError(f"linear: expected nn.Linear, got {type(linear).__name__}")
         mqw = quantize_weight_mixed(linear.weight, salient_channels, salient_bits=salient_bits, rest_bits=rest_bits,
                                     **quantize_kwargs)
-        return cls.from_quantized(mqw, linear.bias)
+        module = cls.from_quantized(mqw, linear.bias)
+        module.grid_a = get_format(salient_bits).default_grid
+        module.grid_b = quantize_kwargs.get("grid") or get_format(rest_bits).default_grid
+        return module
 
     @classmethod
     def from_quantized(cls, mqw: MixedQuantizedWeight, bias: Optional[torch.Tensor] = None) -> "MixedQuantLinear":
