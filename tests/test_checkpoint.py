@@ -103,7 +103,7 @@ def test_config_records_the_format(saved):
     spec = qc["layers"]["model.layers.0.self_attn.q_proj"]
     if name == "w4-g128":
         assert spec == {"format": "lowbit", "bits": 4, "group_size": 128, "grid": "int", "in_features": 160,
-                        "out_features": 160, "bias": False, "dtype": "float32", "scale_dtype": "float16"}
+                        "out_features": 160, "bias": False, "dtype": "float32", "scale_dtype": "float32"}
     elif name == "ternary-g32-bf16":
         assert (spec["bits"], spec["group_size"], spec["grid"], spec["scale_dtype"]) == (1.58, 32, "seq", "bfloat16")
     elif name == "mixed-4/1":

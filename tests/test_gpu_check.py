@@ -11,7 +11,7 @@ from conftest import REPO
 
 SCRIPT = os.path.join(REPO, "bench", "gpu_check.sh")
 STAGES = ["dry_checks", "info", "build", "ext_info", "pytest", "sanitize_cuda", "sanitize_triton", "bench_lowbit",
-          "bench_rsparse", "bench_speculative", "bench_sparse_attention"]
+          "bench_rsparse", "bench_speculative", "bench_sparse_attention", "bench_tempo"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and coreutils timeout")
