@@ -107,7 +107,7 @@ def decided_steps(model, prompt, tokens, eps=1e-6, seeds=4):
     return argmax.tolist(), decided.tolist()
 
 
-def undecided_or_same(model, prompts, outputs):
+def decided_mismatches(model, prompts, outputs):
     """(decided steps, [(prompt, step, token, transformers' argmax)] at decided steps where the token differs)."""
     n, wrong = 0, []
     for i, (p, toks) in enumerate(zip(prompts, outputs)):
@@ -127,11 +127,11 @@ def undecided_or_same(model, prompts, outputs):
 # 64 tokens): vLLM's tokens must equal transformers' argmax (given vLLM's own prefix) at every decided step, and
 # most steps must be decided. The unconverted model's tokens fail the same check, so it can fail.
 def check_rsparse(model, dense, prompts, got):
-    assert got is not None
-    decided, wrong = undecided_or_same(model, prompts, got)
+    assert got is not None and all(len(g) == NEW_TOKENS for g in got), got
+    decided, wrong = decided_mismatches(model, prompts, got)
     assert not wrong, f"(prompt, step, vLLM, transformers) at steps the argmax is decided: {wrong}"
     assert decided >= len(prompts) * NEW_TOKENS // 2, f"only {decided} decided steps: the check would prove little"
-    assert undecided_or_same(model, prompts, hf_greedy(dense, prompts))[1], "the check passes the dense model"
+    assert decided_mismatches(model, prompts, hf_greedy(dense, prompts))[1], "the check passes the dense model"
 
 
 @pytest.mark.parametrize("conversion", list(SMOLLM2_CONVERSIONS))
