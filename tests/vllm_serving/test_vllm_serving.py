@@ -87,11 +87,11 @@ def decided_steps(model, prompt, tokens, eps=1e-6, seeds=4):
     """Teacher-forced over ``prompt + tokens``: transformers' argmax at each step, and whether it is decided, i.e.
     unchanged when every R-Sparse layer's input is scaled by (1 + eps * N(0, 1)) under ``seeds`` seeds. eps = 1e-6
     stands for float32 summation-order differences (vLLM's kernels add in another order than transformers')."""
-    noise = {}
+    gen = None  # no noise on the first pass
 
     def perturb(module, args):
-        if "gen" in noise:
-            return (args[0] * (1 + eps * torch.randn(args[0].shape, generator=noise["gen"])),) + args[1:]
+        if gen is not None:
+            return (args[0] * (1 + eps * torch.randn(args[0].shape, generator=gen)),) + args[1:]
 
     hooks = [m.register_forward_pre_hook(perturb) for m in model.modules() if isinstance(m, RSparseLinear)]
     ids, steps = torch.tensor([prompt + tokens]), slice(len(prompt) - 1, len(prompt) + len(tokens) - 1)
@@ -99,7 +99,7 @@ def decided_steps(model, prompt, tokens, eps=1e-6, seeds=4):
         argmax = model(ids).logits[0, steps].argmax(-1)
         decided = torch.ones_like(argmax, dtype=torch.bool)
         for seed in range(seeds):
-            noise["gen"] = torch.Generator().manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
             decided &= model(ids).logits[0, steps].argmax(-1) == argmax
     finally:
         for h in hooks:
